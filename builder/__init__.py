@@ -1,0 +1,1 @@
+"""moebuild: declarative Mixture-of-Experts vision-language models."""
