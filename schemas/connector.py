@@ -1,0 +1,42 @@
+"""The connector section: how vision features become language-model embeddings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveInt
+
+from .base import SpecModel
+
+
+class LinearConnector(SpecModel):
+    """One Linear(vision hidden -> language hidden) with bias (LLaVA-1.0)."""
+
+    type: Literal["linear"]
+
+
+class MLPConnector(SpecModel):
+    """Linear(vision -> H), then (activation, Linear(H -> H)) depth-1 times (LLaVA mlp2x_gelu at depth 2)."""
+
+    type: Literal["mlp"]
+    depth: PositiveInt = 2
+    """Number of Linear layers."""
+    activation: str = "gelu"
+    """Activation between the Linear layers."""
+
+
+class DownsampleMLPConnector(SpecModel):
+    """DeepSeek-VL2: merge factor x factor neighbouring patches (F.unfold, channel-major), then an MLP."""
+
+    type: Literal["downsample_mlp"]
+    factor: PositiveInt = 2
+    """Side of the square of patches merged into one token; the grid is zero-padded to a multiple."""
+    depth: PositiveInt = 2
+    """Number of Linear layers."""
+    activation: str = "gelu"
+    """Activation between the Linear layers."""
+
+
+ConnectorSpec = Annotated[
+    Union[LinearConnector, MLPConnector, DownsampleMLPConnector], Field(discriminator="type")
+]

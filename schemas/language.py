@@ -1,0 +1,96 @@
+"""The language section: a transformers decoder family built from the spec's numbers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from .base import SpecModel
+
+LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
+
+
+class MultiHeadAttention(SpecModel):
+    """Standard multi-head attention: one key/value head per query head."""
+
+    type: Literal["mha"]
+
+
+class GroupedQueryAttention(SpecModel):
+    """Grouped-query attention: language.num_kv_heads key/value heads shared by the query heads."""
+
+    type: Literal["gqa"]
+
+
+class MultiHeadLatentAttention(SpecModel):
+    """DeepSeek-V2 multi-head latent attention: keys and values compressed to a shared latent."""
+
+    type: Literal["mla"]
+    kv_lora_rank: PositiveInt
+    """Width of the compressed key/value latent (the KV cache stores it plus the RoPE key)."""
+    q_lora_rank: PositiveInt | None = None
+    """Width of the compressed query; null = queries projected directly."""
+    qk_rope_head_dim: PositiveInt
+    """Per-head dimensions that carry rotary position."""
+    qk_nope_head_dim: PositiveInt
+    """Per-head query/key dimensions without rotary position."""
+    v_head_dim: PositiveInt
+    """Per-head value dimensions."""
+
+
+AttentionSpec = Annotated[
+    Union[MultiHeadAttention, GroupedQueryAttention, MultiHeadLatentAttention], Field(discriminator="type")
+]
+
+
+class LanguageSpec(SpecModel):
+    """The decoder: attention and norms from the transformers family, FFNs replaced by MoE where moe.layers says."""
+
+    type: LanguageFamily
+    """transformers model family providing attention, norms, rotary embedding and the dense MLP."""
+    pretrained: str | None = None
+    """Local directory of a Hugging Face checkpoint (safetensors); null = random init from the numbers."""
+    hidden_size: PositiveInt
+    """Model width."""
+    num_layers: PositiveInt
+    """Number of decoder layers."""
+    num_heads: PositiveInt
+    """Query heads per layer."""
+    num_kv_heads: PositiveInt | None = None
+    """Key/value heads (gqa); null = num_heads."""
+    head_dim: PositiveInt | None = None
+    """Per-head width; null = hidden_size / num_heads (DeepSeek-VL2-Tiny sets 128 with 10 heads of a 1280 model)."""
+    intermediate_size: PositiveInt
+    """Width of the dense FFN (and of each expert when a pool upcycles it)."""
+    vocab_size: PositiveInt
+    """Token vocabulary size."""
+    attention: AttentionSpec = Field(default_factory=lambda: MultiHeadAttention(type="mha"))
+    """Attention kind: mha, gqa or mla."""
+    hidden_act: str | None = None
+    """Activation of the dense FFN; null = the family's (silu; gelu_new for phi)."""
+    max_position_embeddings: PositiveInt = 4096
+    """Longest sequence the rotary embedding is set up for."""
+    rope_theta: PositiveFloat = 10000.0
+    """Rotary base frequency."""
+    partial_rotary_factor: float | None = Field(default=None, gt=0, le=1)
+    """Share of each head that carries rotary position; null = the family's (stablelm 0.25, phi 0.4, else 1)."""
+    norm_eps: PositiveFloat = 1e-5
+    """Epsilon of the decoder's norms."""
+    qkv_bias: bool | None = None
+    """Bias on the query/key/value projections; null = the family's default."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the LM head."""
+
+    @model_validator(mode="after")
+    def _head_rules(self):
+        kv = self.num_kv_heads or self.num_heads
+        if self.head_dim is None and self.attention.type != "mla" and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads} (set head_dim)"
+            )
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
+        if self.attention.type == "mha" and kv != self.num_heads:
+            raise ValueError(f"mha attention needs num_kv_heads == num_heads ({self.num_heads}); use type: gqa")
+        return self

@@ -1,0 +1,152 @@
+"""The root of a moebuild spec and the rules that span several sections."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, model_validator
+
+from .base import CrossFieldError, Path, SpecModel
+from .connector import ConnectorSpec
+from .language import LanguageSpec
+from .moe import MoESpec, TopKRouter, moe_layer_indices
+from .training import TRAINABLE_ROOTS, TrainingSpec
+from .vision import VisionSpec
+
+
+class TokenIds(SpecModel):
+    """Special token ids the model needs without a tokenizer."""
+
+    image: NonNegativeInt | None = None
+    """Placeholder id replaced by image features; null = vocab_size - 1."""
+    pad: NonNegativeInt = 0
+    """Padding id."""
+    bos: NonNegativeInt | None = 1
+    """Beginning-of-sequence id."""
+    eos: NonNegativeInt | None = 2
+    """End-of-sequence id (generation stops on it)."""
+
+
+class ModelSpec(SpecModel):
+    """A Mixture-of-Experts vision-language model."""
+
+    moebuild_version: Literal[1] = 1
+    """Version of the spec language."""
+    name: str
+    """Model name."""
+    description: str | None = None
+    """Free text: what the model is and where its numbers come from."""
+    base: str | None = None
+    """Spec this one inherits from (preset name or relative path); merged by the loader, null once resolved."""
+    vision: VisionSpec
+    """Vision encoder."""
+    connector: ConnectorSpec
+    """Projector from vision features to language embeddings."""
+    language: LanguageSpec
+    """Language decoder."""
+    moe: MoESpec | None = None
+    """MoE layers; null = a dense model."""
+    tokens: TokenIds = Field(default_factory=TokenIds)
+    """Special token ids."""
+    training: TrainingSpec | None = None
+    """Staged training recipe."""
+
+    @property
+    def image_token_id(self) -> int:
+        return self.language.vocab_size - 1 if self.tokens.image is None else self.tokens.image
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the decoder layers that are MoE layers."""
+        return [] if self.moe is None else moe_layer_indices(self.moe.layers, self.language.num_layers)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self):
+        problems = _language_rules(self) + _token_rules(self) + _moe_rules(self) + _training_rules(self)
+        if problems:
+            raise CrossFieldError(problems)
+        return self
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    lang = spec.language
+    if lang.attention.type == "mla" and lang.type != "deepseek_v2":
+        return [(("language", "attention", "type"), f"mla attention needs language type deepseek_v2, got {lang.type}")]
+    return []
+
+
+def _token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    vocab = spec.language.vocab_size
+    return [
+        (("tokens", name), f"must be < language.vocab_size ({vocab}), got {value}")
+        for name, value in spec.tokens.model_dump().items()
+        if value is not None and value >= vocab
+    ]
+
+
+def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    moe = spec.moe
+    if moe is None:
+        return []
+    problems = _layer_rules(moe, spec.language.num_layers)
+    for i, route in enumerate(moe.routes):
+        pool = moe.pools.get(route.pool)
+        if pool is None:
+            hint = _did_you_mean(route.pool, moe.pools) or f" (pools: {', '.join(moe.pools)})"
+            problems.append((("moe", "routes", i, "pool"), f"no pool named '{route.pool}'{hint}"))
+        elif isinstance(route.router, TopKRouter) and route.router.top_k > pool.num_experts:
+            problems.append((("moe", "routes", i, "router", "top_k"),
+                             f"must be <= {pool.num_experts} (pool '{route.pool}' has {pool.num_experts} experts)"))
+    used = {route.pool for route in moe.routes}
+    if used <= moe.pools.keys():  # a misspelt pool name is reported once, above, not twice
+        problems += [(("moe", "pools", name), f"pool '{name}' is not used by any route")
+                     for name in moe.pools if name not in used]
+    for name, pool in moe.pools.items():
+        if pool.init == "upcycle" and pool.intermediate_size != spec.language.intermediate_size:
+            problems.append((("moe", "pools", name, "init"),
+                             f"upcycle copies the dense FFN, so intermediate_size must equal language.intermediate_size "
+                             f"({spec.language.intermediate_size}), got {pool.intermediate_size}"))
+    return problems + _balancing_rules(moe)
+
+
+def _layer_rules(moe: MoESpec, num_layers: int) -> list[tuple[Path, str]]:
+    layers = moe.layers
+    if isinstance(layers, list):
+        return [(("moe", "layers", i), f"layer {index} is past language.num_layers ({num_layers})")
+                for i, index in enumerate(layers) if index >= num_layers]
+    if not isinstance(layers, str) and layers.first_k_dense >= num_layers:
+        return [(("moe", "layers", "first_k_dense"), f"must be < language.num_layers ({num_layers}), got {layers.first_k_dense}")]
+    return []
+
+
+def _balancing_rules(moe: MoESpec) -> list[tuple[Path, str]]:
+    """A balancing term needs a routed (non-dense) route whose tokens overlap the term's tokens."""
+    routed = {route.tokens for route in moe.routes if route.router.type != "dense"}
+    problems = []
+    for i, term in enumerate(moe.balancing):
+        seen = routed if term.tokens == "all" else routed & {term.tokens, "all"}
+        if not seen:
+            problems.append((("moe", "balancing", i, "tokens"),
+                             f"no routed (non-dense) route sees {term.tokens} tokens, so this term would be always 0"))
+    return problems
+
+
+def _training_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    if spec.training is None:
+        return []
+    problems = []
+    for i, stage in enumerate(spec.training.stages):
+        for j, pattern in enumerate(stage.trainable):
+            root = pattern.split(".", 1)[0]
+            if root not in TRAINABLE_ROOTS:
+                problems.append((("training", "stages", i, "trainable", j),
+                                 f"unknown component '{root}' (expected one of {', '.join(TRAINABLE_ROOTS)})"
+                                 f"{_did_you_mean(root, TRAINABLE_ROOTS)}"))
+            elif root == "moe" and spec.moe is None:
+                problems.append((("training", "stages", i, "trainable", j), "the spec has no moe section"))
+    return problems

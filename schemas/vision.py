@@ -1,0 +1,90 @@
+"""The vision encoder section: which transformers tower, its size, and which features it hands on."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import SpecModel
+
+
+class DynamicTiling(SpecModel):
+    """DeepSeek-VL2 dynamic tiling: a global view plus local tiles on the best-fitting grid."""
+
+    type: Literal["dynamic"]
+    tile_size: PositiveInt = 384
+    """Side of one square tile in pixels (the tower's image_size)."""
+    max_tiles: PositiveInt = 9
+    """Largest number of local tiles m*n a grid may have."""
+    global_view: bool = True
+    """Prepend a downscaled view of the whole image to the local tiles."""
+    max_images: PositiveInt = 2
+    """Prompts with more images than this get the global view plus a single tile per image."""
+
+
+class _VisionBase(SpecModel):
+    pretrained: str | None = None
+    """Local directory of a Hugging Face checkpoint (safetensors); null = random init from the numbers."""
+    image_size: PositiveInt
+    """Input resolution in pixels (square)."""
+    patch_size: PositiveInt
+    """Side of one patch in pixels."""
+    hidden_size: PositiveInt
+    """Width of the tower."""
+    num_layers: PositiveInt
+    """Number of transformer blocks."""
+    num_heads: PositiveInt
+    """Attention heads per block."""
+    intermediate_size: PositiveInt
+    """Width of each block's MLP."""
+    select_layer: int = -2
+    """Which hidden state feeds the connector (Python indexing over the num_layers+1 hidden states)."""
+    post_norm: bool = False
+    """Apply the tower's final LayerNorm to the selected features (DeepSeek-VL2 uses the last block + norm)."""
+    frozen: bool = True
+    """Keep the tower's weights out of training."""
+    layer_norm_eps: float = 1e-5
+    """Epsilon of the tower's LayerNorms."""
+    tiling: DynamicTiling | None = None
+    """Image tiling; null = one resized image per picture."""
+
+    @model_validator(mode="after")
+    def _shape_rules(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
+            raise ValueError(
+                f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
+                f"(expected {-(self.num_layers + 1)}..{self.num_layers})"
+            )
+        return self
+
+
+class ClipVision(_VisionBase):
+    """A CLIP ViT (transformers CLIPVisionModel): a CLS token plus one token per patch."""
+
+    type: Literal["clip"]
+    select_feature: Literal["patch", "cls_patch"] = "patch"
+    """patch = drop the CLS token (LLaVA); cls_patch = keep it."""
+    hidden_act: str = "quick_gelu"
+    """Activation of the tower's MLPs (OpenAI CLIP uses quick_gelu)."""
+
+
+class SiglipVision(_VisionBase):
+    """A SigLIP ViT (transformers SiglipVisionModel): patch tokens only, no CLS."""
+
+    type: Literal["siglip"]
+    select_feature: Literal["patch"] = "patch"
+    """SigLIP has no CLS token, so features are always the patch tokens."""
+    hidden_act: str = "gelu_pytorch_tanh"
+    """Activation of the tower's MLPs."""
+    use_head: bool = True
+    """Build the attention-pooling head (never called; DeepSeek-VL2 counts its parameters)."""
+    layer_norm_eps: float = 1e-6
+    """Epsilon of the tower's LayerNorms."""
+
+
+VisionSpec = Annotated[Union[ClipVision, SiglipVision], Field(discriminator="type")]
