@@ -13,12 +13,14 @@ class LinearConnector(SpecModel):
     """One Linear(vision hidden -> language hidden) with bias (LLaVA-1.0)."""
 
     type: Literal["linear"]
+    """Selects this kind: linear."""
 
 
 class MLPConnector(SpecModel):
     """Linear(vision -> H), then (activation, Linear(H -> H)) depth-1 times (LLaVA mlp2x_gelu at depth 2)."""
 
     type: Literal["mlp"]
+    """Selects this kind: mlp."""
     depth: PositiveInt = 2
     """Number of Linear layers."""
     activation: str = "gelu"
@@ -29,6 +31,7 @@ class DownsampleMLPConnector(SpecModel):
     """DeepSeek-VL2: merge factor x factor neighbouring patches (F.unfold, channel-major), then an MLP."""
 
     type: Literal["downsample_mlp"]
+    """Selects this kind: downsample_mlp."""
     factor: PositiveInt = 2
     """Side of the square of patches merged into one token; the grid is zero-padded to a multiple."""
     depth: PositiveInt = 2

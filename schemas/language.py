@@ -15,18 +15,21 @@ class MultiHeadAttention(SpecModel):
     """Standard multi-head attention: one key/value head per query head."""
 
     type: Literal["mha"]
+    """Selects this kind: mha."""
 
 
 class GroupedQueryAttention(SpecModel):
     """Grouped-query attention: language.num_kv_heads key/value heads shared by the query heads."""
 
     type: Literal["gqa"]
+    """Selects this kind: gqa."""
 
 
 class MultiHeadLatentAttention(SpecModel):
     """DeepSeek-V2 multi-head latent attention: keys and values compressed to a shared latent."""
 
     type: Literal["mla"]
+    """Selects this kind: mla."""
     kv_lora_rank: PositiveInt
     """Width of the compressed key/value latent (the KV cache stores it plus the RoPE key)."""
     q_lora_rank: PositiveInt | None = None

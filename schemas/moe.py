@@ -67,6 +67,7 @@ class TopKRouter(SpecModel):
     """Token-choice top-k: softmax (or sigmoid) scores over a pool, each token to its k best experts."""
 
     type: Literal["topk"]
+    """Selects this kind: topk."""
     top_k: PositiveInt
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
@@ -87,6 +88,7 @@ class DenseRouter(SpecModel):
     """Every token to every expert of the pool with weight 1 (shared experts)."""
 
     type: Literal["dense"]
+    """Selects this kind: dense."""
 
 
 RouterSpec = Annotated[Union[TopKRouter, DenseRouter], Field(discriminator="type")]
@@ -114,18 +116,21 @@ class SwitchAux(_BalancingTerm):
     """Switch aux loss E * sum_e f_e * P_e, f_e = share of tokens whose top-1 is e; 1.0 when balanced."""
 
     type: Literal["switch_aux"]
+    """Selects this kind: switch_aux."""
 
 
 class LoadBalance(_BalancingTerm):
     """GShard/Mixtral load balance E * sum_e f_e * P_e, f_e = share of the top-k assignments; 1.0 when balanced."""
 
     type: Literal["load_balance"]
+    """Selects this kind: load_balance."""
 
 
 class ZLoss(_BalancingTerm):
     """Router z-loss mean(logsumexp(logits)^2) (ST-MoE): keeps router logits small."""
 
     type: Literal["z_loss"]
+    """Selects this kind: z_loss."""
     coef: NonNegativeFloat = 0.001
     """Weight of the term in the loss (summed over MoE layers)."""
 

@@ -13,6 +13,7 @@ class DynamicTiling(SpecModel):
     """DeepSeek-VL2 dynamic tiling: a global view plus local tiles on the best-fitting grid."""
 
     type: Literal["dynamic"]
+    """Selects this kind: dynamic."""
     tile_size: PositiveInt = 384
     """Side of one square tile in pixels (the tower's image_size)."""
     max_tiles: PositiveInt = 9
@@ -67,6 +68,7 @@ class ClipVision(_VisionBase):
     """A CLIP ViT (transformers CLIPVisionModel): a CLS token plus one token per patch."""
 
     type: Literal["clip"]
+    """Selects this kind: clip."""
     select_feature: Literal["patch", "cls_patch"] = "patch"
     """patch = drop the CLS token (LLaVA); cls_patch = keep it."""
     hidden_act: str = "quick_gelu"
@@ -77,6 +79,7 @@ class SiglipVision(_VisionBase):
     """A SigLIP ViT (transformers SiglipVisionModel): patch tokens only, no CLS."""
 
     type: Literal["siglip"]
+    """Selects this kind: siglip."""
     select_feature: Literal["patch"] = "patch"
     """SigLIP has no CLS token, so features are always the patch tokens."""
     hidden_act: str = "gelu_pytorch_tanh"
