@@ -15,6 +15,9 @@ TokenSelector = Literal["all", "text", "image"]
 
 Path = tuple[str | int, ...]
 
+Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu"]
+"""Activation functions, by their transformers names."""
+
 
 class SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)

@@ -23,7 +23,7 @@ class MLPConnector(SpecModel):
     """Selects this kind: mlp."""
     depth: PositiveInt = 2
     """Number of Linear layers."""
-    activation: str = "gelu"
+    activation: Literal["gelu", "silu", "relu"] = "gelu"
     """Activation between the Linear layers."""
 
 
@@ -36,7 +36,7 @@ class DownsampleMLPConnector(SpecModel):
     """Side of the square of patches merged into one token; the grid is zero-padded to a multiple."""
     depth: PositiveInt = 2
     """Number of Linear layers."""
-    activation: str = "gelu"
+    activation: Literal["gelu", "silu", "relu"] = "gelu"
     """Activation between the Linear layers."""
 
 

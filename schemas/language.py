@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from .base import SpecModel
+from .base import Activation, SpecModel
 
 LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
 
@@ -70,7 +70,7 @@ class LanguageSpec(SpecModel):
     """Token vocabulary size."""
     attention: AttentionSpec = Field(default_factory=lambda: MultiHeadAttention(type="mha"))
     """Attention kind: mha, gqa or mla."""
-    hidden_act: str | None = None
+    hidden_act: Activation | None = None
     """Activation of the dense FFN; null = the family's (silu; gelu_new for phi)."""
     max_position_embeddings: PositiveInt = 4096
     """Longest sequence the rotary embedding is set up for."""

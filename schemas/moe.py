@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from .base import SpecModel, TokenSelector
+from .base import Activation, SpecModel, TokenSelector
 
 MAX_CAPACITY_FACTOR = 64.0
 
@@ -33,8 +33,8 @@ class PoolSpec(SpecModel):
     """Number of experts in the pool."""
     intermediate_size: PositiveInt
     """Hidden width of each expert."""
-    activation: str = "silu"
-    """Expert activation (silu, gelu, gelu_new, quick_gelu, relu...)."""
+    activation: Activation = "silu"
+    """Expert activation."""
     gated: bool = True
     """true = SwiGLU-style gate/up projections; false = fc1/fc2 (Phi-2)."""
     bias: bool = False

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveInt, model_validator
 
-from .base import SpecModel
+from .base import Activation, SpecModel
 
 
 class DynamicTiling(SpecModel):
@@ -71,7 +71,7 @@ class ClipVision(_VisionBase):
     """Selects this kind: clip."""
     select_feature: Literal["patch", "cls_patch"] = "patch"
     """patch = drop the CLS token (LLaVA); cls_patch = keep it."""
-    hidden_act: str = "quick_gelu"
+    hidden_act: Activation = "quick_gelu"
     """Activation of the tower's MLPs (OpenAI CLIP uses quick_gelu)."""
 
 
@@ -82,7 +82,7 @@ class SiglipVision(_VisionBase):
     """Selects this kind: siglip."""
     select_feature: Literal["patch"] = "patch"
     """SigLIP has no CLS token, so features are always the patch tokens."""
-    hidden_act: str = "gelu_pytorch_tanh"
+    hidden_act: Activation = "gelu_pytorch_tanh"
     """Activation of the tower's MLPs."""
     use_head: bool = True
     """Build the attention-pooling head (never called; DeepSeek-VL2 counts its parameters)."""
