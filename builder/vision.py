@@ -35,7 +35,7 @@ _TOWERS: dict[str, tuple[type, type]] = {
 # Config fields a pretrained checkpoint must agree on with the numbers the caller gave.
 _CHECKED_FIELDS = (
     "image_size", "patch_size", "hidden_size", "num_hidden_layers",
-    "num_attention_heads", "intermediate_size", "hidden_act",
+    "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
 )
 
 
@@ -110,10 +110,13 @@ class VisionTower(nn.Module):
         return x_NPD
 
 
-def _vision_config(kind: TowerKind, **numbers) -> CLIPVisionConfig | SiglipVisionConfig:
+def _vision_config(kind: TowerKind, use_head: bool, **numbers) -> CLIPVisionConfig | SiglipVisionConfig:
     config_cls = _TOWERS[kind][0]
-    extra = {"vision_use_head": True} if kind == "siglip" else {}
-    return config_cls(**numbers, **extra)
+    if kind == "siglip":
+        numbers["vision_use_head"] = use_head
+    elif not use_head:
+        raise ValueError("use_head=False applies to SigLIP only; CLIP towers have no pooling head")
+    return config_cls(**numbers)
 
 
 def _load_pretrained(kind: TowerKind, path: str, expected, dtype) -> nn.Module:
@@ -124,9 +127,10 @@ def _load_pretrained(kind: TowerKind, path: str, expected, dtype) -> nn.Module:
     model = model_cls.from_pretrained(
         directory, use_safetensors=True, local_files_only=True, dtype=dtype or torch.float32
     )
+    fields = _CHECKED_FIELDS + (("vision_use_head",) if kind == "siglip" else ())
     mismatched = [
         f"{field}: spec {getattr(expected, field)!r}, checkpoint {getattr(model.config, field)!r}"
-        for field in _CHECKED_FIELDS
+        for field in fields
         if getattr(model.config, field) != getattr(expected, field)
     ]
     if mismatched:
@@ -147,6 +151,8 @@ def build_vision_tower(
     select_feature: SelectFeature = "patch",
     post_norm: bool = False,
     hidden_act: str | None = None,
+    layer_norm_eps: float | None = None,
+    use_head: bool = True,
     pretrained: str | None = None,
     frozen: bool = True,
     device: torch.device | str | None = None,
@@ -154,8 +160,9 @@ def build_vision_tower(
 ) -> VisionTower:
     """Build a tower from numbers, or load it from a local safetensors checkpoint.
 
-    ``hidden_act`` defaults to the family's own (``quick_gelu`` for CLIP,
-    ``gelu_pytorch_tanh`` for SigLIP). On ``device="meta"`` nothing is allocated and
+    ``hidden_act`` and ``layer_norm_eps`` default to the family's own (``quick_gelu`` and 1e-5
+    for CLIP, ``gelu_pytorch_tanh`` and 1e-6 for SigLIP). ``use_head`` builds SigLIP's
+    attention-pooling head, which is never called (DeepSeek-VL2 counts its ~15.2M parameters). On ``device="meta"`` nothing is allocated and
     ``pretrained`` is not read.
     """
     if kind not in _TOWERS:
@@ -167,7 +174,9 @@ def build_vision_tower(
     )
     if hidden_act is not None:
         numbers["hidden_act"] = hidden_act
-    config = _vision_config(kind, **numbers)
+    if layer_norm_eps is not None:
+        numbers["layer_norm_eps"] = layer_norm_eps
+    config = _vision_config(kind, use_head, **numbers)
     if pretrained is not None and torch.device(device or "cpu").type != "meta":
         model = _load_pretrained(kind, pretrained, config, dtype).to(device)
     else:

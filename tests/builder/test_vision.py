@@ -61,9 +61,14 @@ def test_siglip_penultimate_without_norm(pixels):
     torch.testing.assert_close(tower(pixels), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_activations():
-    assert _tiny("clip").vision_model.config.hidden_act == "quick_gelu"
-    assert _tiny("siglip").vision_model.config.hidden_act == "gelu_pytorch_tanh"
+def test_family_defaults_and_overrides():
+    clip, siglip = _tiny("clip").vision_model.config, _tiny("siglip").vision_model.config
+    assert (clip.hidden_act, clip.layer_norm_eps) == ("quick_gelu", 1e-5)
+    assert (siglip.hidden_act, siglip.layer_norm_eps) == ("gelu_pytorch_tanh", 1e-6)
+    tower = _tiny("siglip", use_head=False, layer_norm_eps=1e-3, hidden_act="gelu")
+    assert not hasattr(tower.vision_model, "head")
+    assert tower.vision_model.post_layernorm.eps == 1e-3
+    assert tower.vision_model.config.hidden_act == "gelu"
 
 
 def test_pretrained_round_trip(tmp_path, pixels):
@@ -80,6 +85,9 @@ def test_pretrained_mismatch_is_one_readable_error(tmp_path):
     _tiny("clip").vision_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="num_hidden_layers: spec 2, checkpoint 3"):
         build_vision_tower("clip", **{**TINY, "num_layers": 2}, pretrained=str(tmp_path))
+    _tiny("siglip").vision_model.save_pretrained(tmp_path / "siglip")
+    with pytest.raises(ValueError, match="vision_use_head: spec False, checkpoint True"):
+        build_vision_tower("siglip", **TINY, use_head=False, pretrained=str(tmp_path / "siglip"))
     with pytest.raises(FileNotFoundError):
         build_vision_tower("clip", **TINY, pretrained=str(tmp_path / "missing"))
 
@@ -122,6 +130,7 @@ def test_meta_build_allocates_nothing(kind):
         (dict(kind="siglip", select_feature="cls_patch"), "CLS"),
         (dict(kind="clip", select_layer=4), "out of range"),
         (dict(kind="vit"), "kind must be one of"),
+        (dict(kind="clip", use_head=False), "SigLIP only"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
