@@ -1,0 +1,195 @@
+"""Spec loading: YAML file or preset -> ``base:`` chain merged -> overrides -> ``${...}`` -> ModelSpec.
+
+Every problem on the way becomes a located Diagnostic (see errors.py) and all of a spec's
+problems are raised together as one SpecError. Interpolation uses OmegaConf's grammar
+(https://omegaconf.readthedocs.io/en/latest/grammar.html) and runs after merging and
+overrides, as in Hydra, so ``${language.hidden_size}`` sees the final value.
+
+This module imports neither torch nor transformers: ``moebuild validate`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from moebuild import presets
+from moebuild.errors import Diagnostic, SpecError, SpecPath
+from moebuild.overrides import apply_overrides
+from moebuild.spec_tree import Node, Pos, from_plain, merge, read_yaml, to_plain, walk
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def load_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """The validated ``ModelSpec`` for a preset name or a YAML file, with overrides applied.
+
+    Raises SpecError listing every problem, each at the place it was written.
+    """
+    from moebuild.schemas import ModelSpec
+
+    return load_as(ModelSpec, name_or_path, overrides)
+
+
+def load_as(model: type, name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
+    """Like load_spec, validating with another pydantic model (a spec section, a test model)."""
+    from pydantic import ValidationError
+
+    from moebuild.diagnose import validation_diagnostics
+
+    root, problems, poisoned = _resolve(name_or_path, overrides)
+    data = to_plain(root)
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as exc:
+        found = validation_diagnostics(exc, model, root, data)
+        problems += [d for d in found if not any(d.path[: len(p)] == p for p in poisoned)]
+        spec = None
+    _raise_if_any(problems)
+    return spec
+
+
+def resolve_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The merged, overridden and interpolated spec as plain data, before validation."""
+    root, problems, _ = _resolve(name_or_path, overrides)
+    _raise_if_any(problems)
+    return to_plain(root)
+
+
+def dump_yaml(data: Any) -> str:
+    """Block-style YAML for plain data; short lists of scalars stay on one line."""
+    yaml = YAML()
+    yaml.width = 100
+    out = io.StringIO()
+    yaml.dump(_flow_leaf_lists(data), out)
+    return out.getvalue()
+
+
+def _flow_leaf_lists(data: Any) -> Any:
+    from ruamel.yaml.comments import CommentedSeq
+
+    if isinstance(data, dict):
+        return {k: _flow_leaf_lists(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        items = [_flow_leaf_lists(v) for v in data]
+        seq = CommentedSeq(items)
+        if not any(isinstance(v, (dict, list)) for v in items):
+            seq.fa.set_flow_style()
+        return seq
+    return data
+
+
+def _raise_if_any(problems: list[Diagnostic]) -> None:
+    if problems:
+        raise SpecError(sorted(problems, key=lambda d: (d.file, d.line or 0, d.col or 0)))
+
+
+def _resolve(name_or_path, overrides) -> tuple[Node, list[Diagnostic], list[SpecPath]]:
+    """The merged tree, the non-fatal problems, and paths whose values are known bad."""
+    problems: list[Diagnostic] = []
+    path, shown = _locate_top(name_or_path)
+    root = _load_chain(path, shown, [], problems)
+    apply_overrides(root, tuple(overrides), problems)
+    poisoned = _interpolate(root, problems)
+    return root, problems, poisoned
+
+
+def _locate_top(name_or_path: str | os.PathLike) -> tuple[Path, str]:
+    text = os.fspath(name_or_path)
+    if _looks_like_path(name_or_path):
+        return Path(text), text
+    try:
+        return presets.preset_path(text), text
+    except LookupError as exc:
+        raise SpecError([Pos(text).error((), f"no such file, and {exc.args[0]}")]) from None
+
+
+def _looks_like_path(name: str | os.PathLike) -> bool:
+    text = os.fspath(name)
+    return (not isinstance(name, str) or "/" in text or os.sep in text
+            or text.endswith(_YAML_SUFFIXES) or os.path.exists(text))
+
+
+def _load_chain(path: Path, shown: str, chain: list[tuple[Path, str]], problems: list[Diagnostic]) -> Node:
+    """``path`` merged over its ``base:`` chain; read errors and bad bases are fatal."""
+    try:
+        root = read_yaml(path, shown)
+    except SpecError as exc:
+        raise SpecError(problems + exc.diagnostics) from None
+    base = root.value.pop("base", None)
+    if base is None or base.value is None:
+        return merge(None, root, (), problems)
+    target, target_shown = _base_target(base, path, problems)
+    chain = [*chain, (path.resolve(), shown)]
+    seen = [p for p, _ in chain]
+    if target.resolve() in seen:
+        names = [s for _, s in chain[seen.index(target.resolve()):]] + [target_shown]
+        raise SpecError(problems + [base.pos.error(("base",), "cyclic base: " + " -> ".join(names))])
+    parent = _load_chain(target, target_shown, chain, problems)
+    return merge(parent, root, (), problems)
+
+
+def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tuple[Path, str]:
+    def fail(message: str) -> SpecError:
+        return SpecError(problems + [base.pos.error(("base",), message)])
+
+    name = base.value
+    if not isinstance(name, str) or not name:
+        raise fail("expected a preset name or a relative path to a YAML file")
+    if "/" in name or os.sep in name or name.endswith(_YAML_SUFFIXES):
+        path = including.parent / name
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise fail(f"base file '{name}' {what} (looked at {_display(path)})")
+        return path, _display(path)
+    try:
+        path = presets.preset_path(name)
+    except LookupError as exc:
+        raise fail(exc.args[0]) from None
+    return path, _display(path)
+
+
+def _display(path: Path) -> str:
+    """A path as short as it can be while still opening from the current directory."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def _interpolate(root: Node, problems: list[Diagnostic]) -> list[SpecPath]:
+    """Resolve every ``${...}`` in place; returns the paths that failed."""
+    sites = [(p, n) for p, n in walk(root) if isinstance(n.value, str) and "${" in n.value]
+    if not sites:
+        return []
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config = OmegaConf.create(to_plain(root))
+    except OmegaConfBaseException as exc:
+        problems.append(root.pos.error((), f"cannot interpolate: {_first_line(exc)}"))
+        return [p for p, _ in sites]
+    failed = []
+    for path, node in sites:
+        try:
+            value = config
+            for key in path:
+                value = value[key]
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException as exc:
+            problems.append(node.pos.error(path, f"cannot resolve {node.value!r}: {_first_line(exc)}"))
+            failed.append(path)
+            continue
+        node.value = from_plain(value, node.pos).value
+    return failed
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
