@@ -1,1 +1,31 @@
-"""moebuild: declarative Mixture-of-Experts vision-language models."""
+"""moebuild: declarative Mixture-of-Experts vision-language models.
+
+`import moebuild` is cheap (no torch, no transformers): the spec API loads at once, the
+model API on first use. transformers' Auto classes learn the `moebuild` model type when the model
+module first loads (any of `build`, `build_module`, `MoEVLMForConditionalGeneration`...).
+"""
+
+from importlib import import_module
+
+from .errors import SpecError
+from .loading import load_spec
+from .presets import list_presets
+
+_LAZY = {
+    "build": "compile",
+    "build_module": "compile",
+    "build_processor": "compile",
+    "summarize": "summary",
+    "MoEVLMConfig": "model",
+    "MoEVLMForConditionalGeneration": "model",
+    "MoEVLMOutput": "model",
+    "MoELayerOutput": "moe.layer",
+}
+
+__all__ = ["SpecError", "list_presets", "load_spec", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'moebuild' has no attribute {name!r}")

@@ -1,0 +1,284 @@
+"""Spec -> modules: one small build function per spec node type, found through a plain dict.
+
+`BUILDERS` maps each schema class to its build function; `build_module(node, **context)` looks a
+node up there, so any single node (one MoE layer for a given hidden size, a connector, a
+router) can be built alone for tests and benchmarks. Modules take plain typed arguments; only
+the functions here read spec objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from moebuild.schemas import (
+    ClipVision,
+    DenseRouter,
+    DownsampleMLPConnector,
+    LanguageSpec,
+    LinearConnector,
+    MLPConnector,
+    ModelSpec,
+    MoESpec,
+    PoolSpec,
+    SiglipVision,
+    TopKRouter,
+    moe_layer_indices,
+)
+
+from .connectors import DownsampleMLPConnector as DownsampleMLP
+from .connectors import LinearConnector as Linear
+from .connectors import MLPConnector as MLP
+from .language import LanguageModel, make_hf_config
+from .moe import balancing, routers
+from .moe.experts import ExpertPool
+from .moe.layer import BalancingTerm, MoELayer, Route
+from .vision import VisionTower, build_vision_tower
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_vision(node: ClipVision | SiglipVision) -> VisionTower:
+    """The tower with random weights; a `pretrained` checkpoint is loaded by `moebuild.build`."""
+    extra = {"use_head": node.use_head} if isinstance(node, SiglipVision) else {}
+    return build_vision_tower(
+        node.type,
+        image_size=node.image_size,
+        patch_size=node.patch_size,
+        hidden_size=node.hidden_size,
+        num_layers=node.num_layers,
+        num_heads=node.num_heads,
+        intermediate_size=node.intermediate_size,
+        select_layer=node.select_layer,
+        select_feature=node.select_feature,
+        post_norm=node.post_norm,
+        hidden_act=node.hidden_act,
+        layer_norm_eps=node.layer_norm_eps,
+        frozen=node.frozen,
+        **extra,
+    )
+
+
+def build_linear_connector(node: LinearConnector, *, in_dim: int, out_dim: int) -> nn.Module:
+    return Linear(in_dim, out_dim)
+
+
+def build_mlp_connector(node: MLPConnector, *, in_dim: int, out_dim: int) -> nn.Module:
+    return MLP(in_dim, out_dim, depth=node.depth, activation=node.activation)
+
+
+def build_downsample_connector(node: DownsampleMLPConnector, *, in_dim: int, out_dim: int) -> nn.Module:
+    return DownsampleMLP(in_dim, out_dim, factor=node.factor, depth=node.depth, activation=node.activation)
+
+
+def build_pool(node: PoolSpec, *, hidden_size: int, backend: str = "auto") -> ExpertPool:
+    pool = ExpertPool(
+        node.num_experts,
+        hidden_size,
+        node.intermediate_size,
+        activation=node.activation,
+        gated=node.gated,
+        bias=node.bias,
+        backend=backend,
+    )
+    pool.upcycle = node.init == "upcycle"  # read by init_custom_weights: experts start as copies
+    return pool
+
+
+def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    capacity = node.capacity
+    noise = None if node.noise is None or node.noise.type == "none" else node.noise
+    return routers.TopKRouter(
+        hidden_size,
+        num_experts,
+        node.top_k,
+        score=node.score,
+        normalize=node.normalize,
+        scale=node.scale,
+        noise=None if noise is None else noise.type,
+        noise_std=None if noise is None else noise.std,
+        capacity_train=capacity.train if capacity else None,
+        capacity_eval=capacity.eval if capacity else None,
+        min_capacity=capacity.min if capacity else 0,
+        router_dtype=DTYPES[node.dtype],
+    )
+
+
+def build_dense_router(node: DenseRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return routers.DenseRouter(num_experts)
+
+
+BALANCING_FNS: dict[str, Callable] = {
+    "switch_aux": balancing.switch_aux,
+    "load_balance": balancing.load_balance,
+    "z_loss": balancing.z_loss,
+}
+
+
+def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
+    pools = {name: build_pool(pool, hidden_size=hidden_size, backend=node.dispatch.backend) for name, pool in node.pools.items()}
+    routes = [
+        Route(
+            selector=route.tokens,
+            router=build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),
+            pool=route.pool,
+        )
+        for route in node.routes
+    ]
+    terms = [
+        BalancingTerm(name=term.type, coef=term.coef, selector=term.tokens, fn=BALANCING_FNS[term.type])
+        for term in node.balancing
+    ]
+    return MoELayer(routes, terms, pools)
+
+
+def language_hf_config(node: LanguageSpec):
+    """The transformers config of the language family, from the spec's numbers."""
+    extras = {} if node.hidden_act is None else {"hidden_act": node.hidden_act}
+    return make_hf_config(
+        node.type,
+        hidden_size=node.hidden_size,
+        num_layers=node.num_layers,
+        num_heads=node.num_heads,
+        num_kv_heads=node.num_kv_heads,
+        intermediate_size=node.intermediate_size,
+        vocab_size=node.vocab_size,
+        head_dim=node.head_dim,
+        attention=node.attention.model_dump(),
+        rope_theta=node.rope_theta,
+        partial_rotary_factor=node.partial_rotary_factor,
+        max_position_embeddings=node.max_position_embeddings,
+        norm_eps=node.norm_eps,
+        qkv_bias=node.qkv_bias,
+        tie_word_embeddings=node.tie_word_embeddings,
+        **extras,
+    )
+
+
+def build_language(node: LanguageSpec, *, moe: MoESpec | None = None, hf_config=None) -> LanguageModel:
+    """The decoder, with an MoE layer in place of the FFN of every layer `moe.layers` names."""
+    hf_config = hf_config or language_hf_config(node)
+    moe_layers = set() if moe is None else set(moe_layer_indices(moe.layers, node.num_layers))
+    return LanguageModel(
+        hf_config,
+        node.type,
+        lambda i: build_moe(moe, hidden_size=node.hidden_size) if i in moe_layers else None,
+    )
+
+
+BUILDERS: dict[type, Callable[..., nn.Module]] = {
+    ClipVision: build_vision,
+    SiglipVision: build_vision,
+    LinearConnector: build_linear_connector,
+    MLPConnector: build_mlp_connector,
+    DownsampleMLPConnector: build_downsample_connector,
+    PoolSpec: build_pool,
+    TopKRouter: build_topk_router,
+    DenseRouter: build_dense_router,
+    MoESpec: build_moe,
+    LanguageSpec: build_language,
+}
+
+
+def build_module(node, **context) -> nn.Module:
+    """Build one spec node; a plain dict is read as the `moe` section.
+
+    >>> layer = build_module({"pools": {...}, "routes": [...]}, hidden_size=64)
+    """
+    if isinstance(node, dict):
+        node = MoESpec.model_validate(node)
+    try:
+        builder = BUILDERS[type(node)]
+    except KeyError:
+        raise TypeError(f"no build function for {type(node).__name__}; known: {', '.join(c.__name__ for c in BUILDERS)}") from None
+    return builder(node, **context)
+
+
+def build_components(spec: ModelSpec, text_config=None) -> tuple[VisionTower, nn.Module, LanguageModel]:
+    """Vision tower, connector and language model of a spec (random init, current default device)."""
+    vision = build_module(spec.vision)
+    connector = build_module(spec.connector, in_dim=vision.hidden_size, out_dim=spec.language.hidden_size)
+    language = build_language(spec.language, moe=spec.moe, hf_config=text_config)
+    return vision, connector, language
+
+
+def init_custom_weights(module: nn.Module, std: float) -> bool:
+    """Initialise the modules transformers' `_init_weights` does not know; True when handled."""
+    if isinstance(module, ExpertPool):
+        module.reset_parameters()
+        if getattr(module, "upcycle", False):
+            # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
+            for param in module.parameters(recurse=False):
+                param.copy_(param[:1].expand_as(param))
+        return True
+    if isinstance(module, routers.TopKRouter):
+        nn.init.normal_(module.weight, std=std)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(spec, device=None, dtype=None, seed: int | None = None):
+    """A `MoEVLMForConditionalGeneration` from a spec, a preset name or a spec file.
+
+    On `device="meta"` nothing is allocated (and no pretrained weights are read); `dtype` is the
+    parameter dtype (routers still compute in their spec'd precision).
+    """
+    from .loading import load_spec
+    from .model import MoEVLMConfig, MoEVLMForConditionalGeneration
+    from .pretrained import load_pretrained_parts
+
+    if not isinstance(spec, ModelSpec):
+        spec = load_spec(spec)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = MoEVLMConfig(spec=spec.model_dump(mode="json"))
+    device = torch.device(device or "cpu")
+    with torch.device(device), default_dtype(dtype):
+        model = MoEVLMForConditionalGeneration(config)
+    if device.type != "meta":
+        load_pretrained_parts(model, spec)
+    return model
+
+
+def build_processor(spec):
+    """The image processor matching a spec's tower, connector and tiling."""
+    from .processing import TOWER_NORMALIZATION, TiledImageProcessor, build_image_processor
+
+    if not isinstance(spec, ModelSpec):
+        from .loading import load_spec
+
+        spec = load_spec(spec)
+    vision, connector = spec.vision, spec.connector
+    factor = connector.factor if isinstance(connector, DownsampleMLPConnector) else 1
+    token_side = math.ceil(vision.image_size // vision.patch_size / factor)
+    if vision.tiling is not None:
+        mean, std = TOWER_NORMALIZATION[vision.type]
+        tiling = vision.tiling
+        return TiledImageProcessor(
+            tiling.tile_size,
+            tile_token_side=token_side,
+            max_tiles=tiling.max_tiles,
+            max_images=tiling.max_images,
+            global_view=tiling.global_view,
+            image_mean=mean,
+            image_std=std,
+        )
+    tokens = token_side**2 + (vision.select_feature == "cls_patch")
+    return build_image_processor(vision.type, image_size=vision.image_size, tokens_per_image=tokens)

@@ -1,0 +1,211 @@
+"""The MoE vision-language model: a transformers PreTrainedModel that trains and generates.
+
+Layout follows LLaVA (Liu et al. 2023) as MoE-LLaVA and DeepSeek-VL2 use it: a vision tower, a
+connector, and a decoder whose input embeddings at the image placeholder tokens are replaced by
+the connector's output. The decoder's MoE layers learn each token's modality from the same
+placeholder mask, passed down the forward call (as transformers' ernie4_5_vl_moe passes
+`moe_mm_token_type_ids`), never through global state.
+
+The config stores the resolved spec as plain data: it is the single source of truth, and
+`from_pretrained` rebuilds the modules from it before loading the safetensors weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from moebuild.schemas import ModelSpec
+
+from .moe.layer import IMAGE, TEXT
+
+
+class MoEVLMConfig(PretrainedConfig):
+    """Carries the resolved spec; everything else is derived from it."""
+
+    model_type = "moebuild"
+
+    def __init__(self, spec: dict | None = None, **kwargs):
+        kwargs.pop("text_config", None)  # derived from the spec, never read back
+        self.spec = spec
+        if spec is not None:
+            parsed = ModelSpec.model_validate(spec)
+            lang = parsed.language
+            kwargs.setdefault("tie_word_embeddings", lang.tie_word_embeddings)
+            kwargs.setdefault("pad_token_id", parsed.tokens.pad)
+            kwargs.setdefault("bos_token_id", parsed.tokens.bos)
+            kwargs.setdefault("eos_token_id", parsed.tokens.eos)
+            self.image_token_id = parsed.image_token_id
+            self.vocab_size = lang.vocab_size
+            self.hidden_size = lang.hidden_size
+            self.num_hidden_layers = lang.num_layers
+        super().__init__(**kwargs)
+
+    @cached_property
+    def parsed_spec(self) -> ModelSpec:
+        return ModelSpec.model_validate(self.spec)
+
+    @cached_property
+    def text_config(self) -> PretrainedConfig:
+        """The language family's own config: what transformers' cache and attention code read."""
+        from .compile import language_hf_config
+
+        return language_hf_config(self.parsed_spec.language)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for derived in ("parsed_spec", "text_config"):
+            out.pop(derived, None)
+        return out
+
+
+@dataclass
+class MoEVLMOutput(ModelOutput):
+    """Model output. `loss` = `lm_loss` + every balancing term; each term is also in `aux_losses`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+    router_stats: list | None = None
+
+
+class MoEVLMPreTrainedModel(PreTrainedModel):
+    config_class = MoEVLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["DecoderLayer"]  # a block and its experts stay on one device
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        from .compile import init_custom_weights
+
+        if not init_custom_weights(module, std=0.02):
+            super()._init_weights(module)
+
+
+class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
+    """Vision tower -> connector -> MoE decoder -> LM head, built from `config.spec`."""
+
+    def __init__(self, config: MoEVLMConfig):
+        super().__init__(config)
+        from .compile import build_components
+
+        self.vision, self.connector, self.language = build_components(config.parsed_spec, config.text_config)
+        self.post_init()
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.config.parsed_spec
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens one image takes in `input_ids` (without tiling)."""
+        return self.connector.num_output_tokens(self.vision.num_tokens)
+
+    def get_input_embeddings(self):
+        return self.language.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.language.lm_head
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] -> language-space embeddings [N, P, H]."""
+        return self.connector(self.vision(pixel_values.to(self.dtype)))
+
+    def merge_image_features(self, input_ids, inputs_embeds, pixel_values):
+        """Put the connector's output at the image placeholder tokens, in order."""
+        is_image_BS = input_ids == self.config.image_token_id
+        if pixel_values is None or not is_image_BS.any():
+            return inputs_embeds
+        features_NPD = self.image_features(pixel_values)
+        if is_image_BS.sum().item() != features_NPD.shape[0] * features_NPD.shape[1]:
+            raise ValueError(
+                f"input_ids hold {int(is_image_BS.sum())} image tokens but {features_NPD.shape[0]} image(s) "
+                f"give {features_NPD.shape[0] * features_NPD.shape[1]} features ({features_NPD.shape[1]} per image)"
+            )
+        features = features_NPD.reshape(-1, features_NPD.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_image_BS.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        modality: torch.LongTensor | None = None,
+        output_router_stats: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoEVLMOutput:
+        """`modality` [B, S] (0 text, 1 image) is derived from the placeholder tokens when omitted."""
+        if inputs_embeds is None:
+            inputs_embeds = self.language.embed_tokens(input_ids)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+        if modality is None and input_ids is not None:
+            modality = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
+        out = self.language(
+            inputs_embeds,
+            attention_mask_BS=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache if use_cache is not None else not self.training,
+            cache_position=cache_position,
+            modality_BS=modality,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language.lm_head(hidden)
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss + sum(out.aux_losses.values(), torch.zeros((), device=lm_loss.device))
+        return MoEVLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            lm_loss=lm_loss,
+            aux_losses=out.aux_losses,
+            router_stats=out.router_stats if output_router_stats else None,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # Images enter once, at prefill; later steps see only the new token.
+        if inputs.get("cache_position") is None or inputs["cache_position"][0] == 0:
+            inputs["pixel_values"] = pixel_values
+        return inputs
+
+    def trainable_for_stage(self, stage: str) -> dict[str, int]:
+        """Freeze everything but the stage's `trainable` patterns; return trainable counts per group."""
+        from .training import apply_stage
+
+        return apply_stage(self, stage)
+
+
+def causal_lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, positions labelled -100 ignored."""
+    shift_logits = logits_BSV[:, :-1].float().reshape(-1, logits_BSV.shape[-1])
+    shift_labels = labels_BS[:, 1:].reshape(-1).to(logits_BSV.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+AutoConfig.register(MoEVLMConfig.model_type, MoEVLMConfig, exist_ok=True)
+AutoModel.register(MoEVLMConfig, MoEVLMForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(MoEVLMConfig, MoEVLMForConditionalGeneration, exist_ok=True)

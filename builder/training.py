@@ -1,0 +1,35 @@
+"""Staged training (MoE-LLaVA's three stages): which parameters each stage trains.
+
+A `trainable` pattern names a component (`vision`, `connector`, `language`), `moe` (every expert
+pool and router), or an fnmatch glob over parameter names (`language.*.mlp.*`). Everything a
+stage does not name is frozen.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+from torch import nn
+
+
+def _moe_prefixes(model: nn.Module) -> list[str]:
+    """Names of the MoE layers (modules holding expert pools and routes)."""
+    return [name for name, module in model.named_modules() if hasattr(module, "pools") and hasattr(module, "routes")]
+
+
+def apply_stage(model, stage: str) -> dict[str, int]:
+    """Set requires_grad for a named stage of the spec; return trainable parameter counts per group."""
+    stages = {s.name: s for s in (model.spec.training.stages if model.spec.training else [])}
+    if stage not in stages:
+        raise KeyError(f"no training stage {stage!r}; the spec has {', '.join(stages) or 'none'}")
+    patterns = stages[stage].trainable
+    moe_prefixes = _moe_prefixes(model)
+    counts = {"vision": 0, "connector": 0, "language": 0, "moe": 0}
+    for name, param in model.named_parameters():
+        in_moe = any(name.startswith(prefix + ".") for prefix in moe_prefixes)
+        param.requires_grad_(any(
+            (name.startswith(p + ".") or fnmatch(name, p)) if p != "moe" else in_moe for p in patterns
+        ))
+        if param.requires_grad:
+            counts["moe" if in_moe else name.split(".", 1)[0]] += param.numel()
+    return counts
