@@ -62,9 +62,11 @@ def resolve_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ())
 
 
 def dump_yaml(data: Any) -> str:
-    """Block-style YAML for plain data; short lists of scalars stay on one line."""
+    """Block-style YAML for plain data: ``type`` first, lists of scalars on one line, ``null`` spelled out."""
     yaml = YAML()
     yaml.width = 100
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     out = io.StringIO()
     yaml.dump(_flow_leaf_lists(data), out)
     return out.getvalue()
@@ -74,7 +76,8 @@ def _flow_leaf_lists(data: Any) -> Any:
     from ruamel.yaml.comments import CommentedSeq
 
     if isinstance(data, dict):
-        return {k: _flow_leaf_lists(v) for k, v in data.items()}
+        keys = sorted(data, key=lambda k: k != "type")  # stable: only moves `type` to the front
+        return {k: _flow_leaf_lists(data[k]) for k in keys}
     if isinstance(data, (list, tuple)):
         items = [_flow_leaf_lists(v) for v in data]
         seq = CommentedSeq(items)
@@ -155,11 +158,12 @@ def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tup
 
 
 def _display(path: Path) -> str:
-    """A path as short as it can be while still opening from the current directory."""
+    """Relative to the current directory when the file is under it, else absolute."""
     try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        relative = os.pardir
+    return str(path.resolve()) if relative.startswith(os.pardir) else relative
 
 
 def _interpolate(root: Node, problems: list[Diagnostic]) -> list[SpecPath]:

@@ -146,5 +146,5 @@ def _missing(ov: Override, parent: Node, path: SpecPath) -> Diagnostic:
     if not isinstance(parent.value, dict):
         return ov.error(f"'{format_path(path[:-1])}' is a scalar, not a mapping or list", path)
     hint = did_you_mean(path[-1], parent.value)
-    add = f"; to add it write '+{ov.text}'" if ov.op == "=" else ""
+    add = f" (to add a key, write '+{ov.text}')" if ov.op == "=" else ""
     return ov.error(f"no such key{hint}{add}", path)

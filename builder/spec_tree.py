@@ -102,7 +102,10 @@ def _shift(pos: Pos, at: Pos) -> Pos:
 def _yaml_error(exc: MarkedYAMLError, shown: str) -> Diagnostic:
     mark = exc.problem_mark or exc.context_mark
     line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-    text = " ".join(str(t) for t in (exc.context, exc.problem) if t)
+    text = exc.problem or exc.context or "cannot parse"
+    if exc.problem and exc.context:
+        where = f" started at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        text += f" ({exc.context}{where})"
     return Pos(shown, line, col).error((), f"not valid YAML: {text}")
 
 

@@ -1,0 +1,169 @@
+"""The ``moebuild`` command line (click).
+
+A verb is one function under ``@main.command()``. Verbs that need torch (compile, summary's
+allocation checks, graph, bench) import it inside the function: ``--help``, ``ls``, ``show``,
+``validate`` and ``schema`` must answer without loading torch or transformers.
+A SpecError raised by any verb prints its located lines on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import click
+
+from moebuild.errors import SpecError
+
+_SET_HELP = ("Override a key, Hydra style; repeatable: a.b=1 (change), +a.b=1 (add), "
+             "++a.b=1 (set either way), ~a.b (delete). Values are YAML: moe.layers=[0,2].")
+SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpecError as exc:
+            click.echo(str(exc), err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moebuild")
+def main():
+    """Build Mixture-of-Experts vision-language models from YAML specs.
+
+    A SPEC is a zoo preset name (see `moebuild ls`) or a path to a YAML file.
+
+    \b
+    Examples:
+      moebuild ls
+      moebuild show micro-moe-llava --set moe.pools.experts.num_experts=8
+      moebuild validate my_model.yaml
+      moebuild schema -o moebuild.schema.json
+    """
+
+
+@main.command("ls")
+def ls_cmd():
+    """List the zoo presets, one per line: name, family, parameters (total / active).
+
+    \b
+    Example:
+      moebuild ls
+    """
+    from moebuild.presets import list_presets, preset_family
+
+    names = list_presets()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        columns = [name.ljust(width), preset_family(name).ljust(12), *_param_columns(name)]
+        click.echo("  ".join(columns).rstrip())
+
+
+def _param_columns(name: str) -> list[str]:
+    """Total and active parameter counts from moebuild.summary, when that module is present."""
+    if importlib.util.find_spec("moebuild.summary") is None:
+        return []
+    from moebuild.loading import load_spec
+    from moebuild.summary import summarize
+
+    report = summarize(load_spec(name))
+    return [f"{_human(report.total_params):>7} total", f"{_human(report.active_params):>7} active"]
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+@main.command()
+@click.argument("spec")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--raw", is_flag=True,
+              help="Print the merged data before validation (no defaults filled in); works on invalid specs.")
+def show(spec: str, overrides: tuple[str, ...], raw: bool):
+    """Print SPEC fully resolved as YAML: base: chain merged, overrides and ${...} applied, defaults filled.
+
+    The output is itself a valid spec that loads to the same model.
+
+    \b
+    Examples:
+      moebuild show micro-moe-llava
+      moebuild show my_model.yaml --set moe.routes.0.router.top_k=1 > resolved.yaml
+      moebuild show broken.yaml --raw
+    """
+    from moebuild.loading import dump_yaml, load_spec, resolve_spec
+
+    data = resolve_spec(spec, overrides) if raw else load_spec(spec, overrides).model_dump(mode="json")
+    click.echo(dump_yaml(data), nl=False)
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+def validate(specs: tuple[str, ...], overrides: tuple[str, ...]):
+    """Check each SPEC; print `ok: SPEC`, or every problem as `file:line:col: error: key.path: message`.
+
+    Problems go to stderr, one line each; the exit status is 1 if any SPEC has one.
+    Nothing is built and torch is not imported.
+
+    \b
+    Examples:
+      moebuild validate my_model.yaml
+      moebuild validate zoo/*/*.yaml
+      moebuild validate micro-ltdr --set moe.routes.1.router.top_k=4
+    """
+    from moebuild.loading import load_spec
+
+    failed = False
+    for spec in specs:
+        try:
+            load_spec(spec, overrides)
+        except SpecError as exc:
+            click.echo(str(exc), err=True)
+            failed = True
+        else:
+            click.echo(f"ok: {spec}")
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file instead of stdout.")
+def schema(output: Path | None):
+    """Print the JSON Schema of a spec (every key, its type and description), for editors.
+
+    With the YAML language server (VS Code's YAML extension, Neovim, Helix...), put this
+    modeline on the first line of a spec to get completion, hover docs and checking:
+
+    \b
+      # yaml-language-server: $schema=moebuild.schema.json
+
+    The schema describes a resolved spec, so a file that inherits with `base:` may be
+    flagged for keys its base provides; `moebuild validate` is the authority.
+
+    \b
+    Examples:
+      moebuild schema -o moebuild.schema.json
+      moebuild schema | jq '.properties | keys'
+    """
+    text = json.dumps(spec_json_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"wrote {output}", err=True)
+
+
+def spec_json_schema() -> dict:
+    """JSON Schema of ``ModelSpec`` with ``$schema`` and ``title`` set."""
+    from moebuild.schemas import ModelSpec
+
+    body = ModelSpec.model_json_schema()
+    return {"$schema": SCHEMA_URI, **body, "title": "moebuild spec"}

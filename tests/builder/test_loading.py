@@ -1,0 +1,249 @@
+"""Spec loading: base: inheritance, !delete / !replace, overrides, interpolation, located errors."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from moebuild.errors import Diagnostic, SpecError, did_you_mean, format_path
+from moebuild.loading import dump_yaml, load_spec, resolve_spec
+from moebuild.presets import list_presets, preset_family, preset_path
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _in_tests_data(monkeypatch):
+    """Diagnostics name files relative to the current directory; pin it."""
+    monkeypatch.chdir(DATA)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors(spec, overrides=()) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, overrides)
+    assert str(info.value) == "\n".join(str(d) for d in info.value.diagnostics)
+    return str(info.value).splitlines()
+
+
+# --- diagnostics -------------------------------------------------------------------------------
+
+def test_diagnostic_format():
+    d = Diagnostic("a.yaml", 3, 7, ("moe", "routes", 0, "router", "top_k"), "must be <= 4")
+    assert str(d) == "a.yaml:3:7: error: moe.routes[0].router.top_k: must be <= 4"
+    assert str(Diagnostic("dir", None, None, (), "is a directory")) == "dir: error: is a directory"
+    assert format_path(("a", 0, 1, "b")) == "a[0][1].b"
+    assert did_you_mean("tpo_k", ["top_k", "score"]) == "; did you mean 'top_k'?"
+    assert did_you_mean("zzz", ["top_k"]) == ""
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+def test_presets_listed_with_family():
+    names = list_presets()
+    assert {"micro-moe-llava", "micro-deepseek-vl2", "micro-ltdr"} <= set(names)
+    assert preset_family("micro-ltdr") == "ltdr"
+    assert preset_path("micro-moe-llava").name == "micro-moe-llava.yaml"
+    stems = [p.stem for p in preset_path(names[0]).parents[1].glob("*/*.yaml")]
+    assert sorted(stems) == names  # no two families share a name
+    with pytest.raises(LookupError, match="did you mean 'micro-ltdr'"):
+        preset_path("micro-ltrd")
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_resolved_spec_round_trips(name, tmp_path):
+    spec = load_spec(name)
+    written = write(tmp_path / "resolved.yaml", dump_yaml(spec.model_dump(mode="json")))
+    assert load_spec(written) == spec
+
+
+# --- inheritance -------------------------------------------------------------------------------
+
+def test_base_merge_delete_replace_and_type_change():
+    assert resolve_spec("inherit/child.yaml") == {
+        "name": "child",
+        "vision": {"type": "siglip", "image_size": 64},  # type changed: nothing of clip's kept
+        "connector": {"type": "mlp", "depth": 3, "activation": "gelu"},
+        "moe": {
+            "layers": [1],
+            "pools": {"experts": {"num_experts": 8}},
+            "dispatch": {"backend": "gelu"},  # interpolated after merging
+        },
+    }
+
+
+def test_base_by_preset_name_inherits_everything_but_what_is_written(tmp_path):
+    child = write(tmp_path / "c.yaml", """\
+        base: micro-moe-llava
+        name: mine
+        language: {num_layers: 2}
+    """)
+    data, preset = resolve_spec(child), resolve_spec("micro-moe-llava")
+    assert data["name"] == "mine" and data["language"]["num_layers"] == 2
+    preset["name"], preset["language"]["num_layers"] = "mine", 2
+    assert data == preset
+
+
+def test_inherited_value_is_located_in_the_base_file(tmp_path):
+    write(tmp_path / "parent.yaml", """\
+        base: micro-moe-llava
+        vision: {image_size: -5}
+    """)
+    write(tmp_path / "child.yaml", "base: parent.yaml\nname: child\n")
+    (line,) = errors(tmp_path / "child.yaml")
+    assert line == f"{tmp_path / 'parent.yaml'}:2:22: error: vision.image_size: must be > 0, got -5"
+
+
+def test_delete_of_a_key_not_inherited_is_an_error(tmp_path):
+    spec = write(tmp_path / "s.yaml", "base: micro-moe-llava\nmoe: {dispatchh: !delete }\n")
+    (line,) = errors(spec)
+    assert line == f"{spec}:2:7: error: moe.dispatchh: !delete: no inherited key 'dispatchh' to delete"
+
+
+def test_unknown_tag(tmp_path):
+    spec = write(tmp_path / "s.yaml", "base: micro-moe-llava\nname: !rplace x\n")
+    assert errors(spec) == [f"{spec}:2:7: error: name: unknown tag '!rplace'; expected !delete or !replace"]
+
+
+def test_cycle_names_the_chain():
+    assert errors("broken/cycle_a.yaml") == [
+        "broken/cycle_b.yaml:1:7: error: base: cyclic base: "
+        "broken/cycle_a.yaml -> broken/cycle_b.yaml -> broken/cycle_a.yaml"]
+
+
+def test_missing_base_file(tmp_path):
+    spec = write(tmp_path / "s.yaml", "base: ../nowhere.yaml\n")
+    (line,) = errors(spec)
+    assert line.startswith(f"{spec}:1:7: error: base: base file '../nowhere.yaml' does not exist")
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+def test_override_forms():
+    data = resolve_spec("micro-moe-llava", [
+        "moe.pools.experts.num_experts=8",  # change
+        "moe.routes[0].router.top_k=1",  # [i] index
+        "moe.routes.0.router.score=sigmoid",  # .i index
+        "+moe.pools.shared={num_experts: 2, intermediate_size: 64}",  # add a mapping
+        "++language.num_layers=2",  # set existing
+        "++vision.pretrained=null",  # set (exists as key? either way)
+        "~moe.balancing",  # delete
+        "moe.layers=[0, 2]",  # YAML flow list
+        "moe.routes.0.router.capacity={train: 2.0}",  # mapping value merges into the mapping
+    ])
+    moe = data["moe"]
+    assert moe["pools"]["experts"]["num_experts"] == 8
+    assert moe["pools"]["shared"] == {"num_experts": 2, "intermediate_size": 64}
+    assert moe["routes"][0]["router"]["top_k"] == 1 and moe["routes"][0]["router"]["score"] == "sigmoid"
+    assert moe["routes"][0]["router"]["capacity"] == {"train": 2.0, "eval": 2.0, "min": 0}
+    assert moe["layers"] == [0, 2] and "balancing" not in moe
+    assert data["language"]["num_layers"] == 2 and data["vision"]["pretrained"] is None
+
+
+def test_override_value_error_names_the_override():
+    (line,) = errors("micro-moe-llava", ["moe.pools.experts.num_experts=abc"])
+    assert line == ("<override 'moe.pools.experts.num_experts=abc'>:1:31: error: "
+                    "moe.pools.experts.num_experts: expected an integer, got 'abc'")
+
+
+def test_override_cross_field_error_names_the_override():
+    (line,) = errors("micro-moe-llava", ["moe.routes.0.router.top_k=5"])
+    assert line.startswith("<override 'moe.routes.0.router.top_k=5'>:1:27: error: moe.routes[0].router.top_k: ")
+    assert "4" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.pools.experts.num_expert=8",
+     "moe.pools.experts.num_expert: no such key; did you mean 'num_experts'? "
+     "(to add a key, write '+moe.pools.experts.num_expert=8')"),
+    ("+name=x", "name: key already exists; to change it write 'name=x' (or '++name=x' to set it either way)"),
+    ("~moe.nothing", "moe.nothing: no such key"),
+    ("moe.routes.3.pool=x", "moe.routes[3]: no item 3: the list has 1 items"),
+    ("name.x=1", "name.x: 'name' is a scalar, not a mapping or list"),
+    ("moe..layers=1", "malformed key 'moe..layers'; write keys as a.b.c, list items as a.0.b or a[0].b"),
+    ("moe.layers", "expected 'key=value', '+key=value', '++key=value' or '~key', got 'moe.layers'"),
+    ("~name=x", "name: '~key' deletes a key and takes no value"),
+])
+def test_bad_override(override, message):
+    lines = errors("micro-moe-llava", [override])
+    assert lines == [f"<override {override!r}>:1:1: error: {message}"]
+
+
+def test_bad_override_value_yaml():
+    (line,) = errors("micro-moe-llava", ["moe.layers=[0, 2"])
+    assert line.startswith("<override 'moe.layers=[0, 2'>:1:12: error: moe.layers: value '[0, 2' is not valid YAML")
+
+
+def test_plus_creates_missing_parents():
+    data = resolve_spec("micro-moe-llava", ["+extra.deep.key=1"])
+    assert data["extra"] == {"deep": {"key": 1}}
+
+
+# --- interpolation -----------------------------------------------------------------------------
+
+def test_interpolation_sees_overrides_and_copies_mappings(tmp_path):
+    spec = write(tmp_path / "s.yaml", """\
+        base: micro-moe-llava
+        moe:
+          pools:
+            experts: {intermediate_size: "${language.intermediate_size}"}
+        training: {stages: [{name: "${name}-moe", trainable: [moe]}]}
+        copy: ${moe.routes.0.router.capacity}
+    """)
+    data = resolve_spec(spec, ["language.intermediate_size=96"])
+    assert data["moe"]["pools"]["experts"]["intermediate_size"] == 96
+    assert data["training"]["stages"][0]["name"] == "micro-moe-llava-moe"
+    assert data["copy"] == {"train": 1.5, "eval": 2.0, "min": 0}
+
+
+def test_interpolation_error_is_located_and_not_repeated(tmp_path):
+    spec = write(tmp_path / "s.yaml", """\
+        base: micro-moe-llava
+        language: {num_layers: "${language.num_layer}"}
+    """)
+    (line,) = errors(spec)
+    assert line == (f"{spec}:2:24: error: language.num_layers: cannot resolve '${{language.num_layer}}': "
+                    "Interpolation key 'language.num_layer' not found")
+
+
+# --- validation errors -------------------------------------------------------------------------
+
+def test_all_errors_of_a_file_at_once():
+    assert errors("broken/many_errors.yaml") == [
+        "broken/many_errors.yaml:4:15: error: vision.image_size: expected an integer, got 'abc'",
+        "broken/many_errors.yaml:5:3: error: vision: unknown key 'patch_sise'; did you mean 'patch_size'?",
+        "broken/many_errors.yaml:8:15: error: moe.routes[0].tokens: expected 'all', 'text' or 'image', "
+        "got 'texts'; did you mean 'text'?",
+        "broken/many_errors.yaml:10:45: error: moe.routes[0].router.score: expected 'softmax' or 'sigmoid', "
+        "got 'softmx'; did you mean 'softmax'?",
+    ]
+
+
+def test_unknown_router_type_lists_the_types():
+    (line,) = errors("broken/unknown_type.yaml")
+    assert line.startswith("broken/unknown_type.yaml:7:22: error: moe.routes[0].router.type: unknown type 'topkk'; "
+                           "expected one of: topk")
+    assert line.endswith("did you mean 'topk'?")
+
+
+def test_missing_type_and_missing_key(tmp_path):
+    spec = write(tmp_path / "s.yaml", """\
+        base: micro-moe-llava
+        connector: !replace {depth: 2}
+        moe:
+          pools: {experts: !replace {intermediate_size: 64}}
+    """)
+    lines = errors(spec)
+    assert lines[0].startswith(f"{spec}:2:1: error: connector: missing required key 'type' (one of: linear, mlp")
+    assert lines[1] == f"{spec}:4:11: error: moe.pools.experts: missing required key 'num_experts'"
+
+
+def test_plain_union_reports_the_member_that_fits(tmp_path):
+    lines = errors("micro-moe-llava", ["moe.layers=[0, x]"])
+    assert lines == ["<override 'moe.layers=[0, x]'>:1:16: error: moe.layers[1]: expected an integer, got 'x'"]
