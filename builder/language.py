@@ -38,6 +38,9 @@ def _head_kwargs(family: str, fam: Family, attention: dict, hidden_size: int, nu
         missing = {"kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"} - params.keys()
         if missing or params.keys() - set(_MLA_KEYS):
             raise ValueError(f"mla attention takes {', '.join(_MLA_KEYS)} (missing: {sorted(missing)})")
+        if num_kv_heads != num_heads or head_dim is not None:
+            raise ValueError("mla attention sets its head dims itself and has one latent per query head: "
+                             "leave head_dim unset and num_kv_heads == num_heads")
         return {"use_mla": True, "q_lora_rank": None, **params}
     if kind not in ("mha", "gqa") or params:
         raise ValueError(f"attention must be {{type: mha | gqa | mla, ...}}, got {attention!r}")

@@ -22,32 +22,6 @@ from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.stablelm import modeling_stablelm as stablelm
 
 
-@dataclass(frozen=True)
-class Family:
-    """The transformers classes and config field names that make up one decoder family."""
-
-    config_cls: type[PretrainedConfig]
-    attention: dict[str, tuple[type[nn.Module], type[nn.Module]]]
-    """Attention kind ("mha" also serves gqa, or "mla") -> (attention class, rotary embedding class)."""
-    mlp_cls: type[nn.Module]
-    norm_cls: type[nn.Module]
-    eps_key: str
-    qkv_bias_key: str | None
-    """Config field switching the attention projection biases; None where the family fixes them."""
-    fixed_qkv_bias: bool | None
-    """The bias a family without a qkv_bias_key always has."""
-    parallel_residual: Callable[[PretrainedConfig], bool]
-    """True: x + attn(ln(x)) + mlp(ln(x)) from one norm (GPT-NeoX / Phi); False: pre-norm sequential."""
-    final_norm_name: str
-    lm_head_bias: bool
-    mlp_dropout_key: str | None = None
-    attn_dropout_key: str | None = None
-    embed_dropout_key: str | None = None
-    partial_rotary: bool = False
-    free_head_dim: bool = False
-    """Whether head_dim may differ from hidden_size // num_heads."""
-
-
 def _never(config: PretrainedConfig) -> bool:
     return False
 
@@ -60,6 +34,32 @@ def _stablelm_parallel(config: PretrainedConfig) -> bool:
     return bool(config.use_parallel_residual)
 
 
+@dataclass(frozen=True)
+class Family:
+    """The transformers classes and config field names that make up one decoder family."""
+
+    config_cls: type[PretrainedConfig]
+    attention: dict[str, tuple[type[nn.Module], type[nn.Module]]]
+    """Attention kind ("mha" also serves gqa, or "mla") -> (attention class, rotary embedding class)."""
+    mlp_cls: type[nn.Module]
+    norm_cls: type[nn.Module]
+    eps_key: str
+    qkv_bias_key: str | None = None
+    """Config field switching the attention projection biases; None where the family fixes them."""
+    fixed_qkv_bias: bool | None = None
+    """The bias a family without a qkv_bias_key always has."""
+    parallel_residual: Callable[[PretrainedConfig], bool] = _never
+    """True: x + attn(ln(x)) + mlp(ln(x)) from one norm (GPT-NeoX / Phi); False: pre-norm sequential."""
+    final_norm_name: str = "norm"
+    lm_head_bias: bool = False
+    mlp_dropout_key: str | None = None
+    attn_dropout_key: str | None = None
+    embed_dropout_key: str | None = None
+    partial_rotary: bool = False
+    free_head_dim: bool = False
+    """Whether head_dim may differ from hidden_size // num_heads."""
+
+
 _LLAMA_MHA = (llama.LlamaAttention, llama.LlamaRotaryEmbedding)
 
 FAMILIES: dict[str, Family] = {
@@ -70,10 +70,6 @@ FAMILIES: dict[str, Family] = {
         norm_cls=llama.LlamaRMSNorm,
         eps_key="rms_norm_eps",
         qkv_bias_key="attention_bias",
-        fixed_qkv_bias=None,
-        parallel_residual=_never,
-        final_norm_name="norm",
-        lm_head_bias=False,
         free_head_dim=True,
     ),
     "qwen2": Family(
@@ -82,11 +78,7 @@ FAMILIES: dict[str, Family] = {
         mlp_cls=qwen2.Qwen2MLP,
         norm_cls=qwen2.Qwen2RMSNorm,
         eps_key="rms_norm_eps",
-        qkv_bias_key=None,
         fixed_qkv_bias=True,
-        parallel_residual=_never,
-        final_norm_name="norm",
-        lm_head_bias=False,
         free_head_dim=True,
     ),
     "stablelm": Family(
@@ -96,10 +88,7 @@ FAMILIES: dict[str, Family] = {
         norm_cls=nn.LayerNorm,
         eps_key="layer_norm_eps",
         qkv_bias_key="use_qkv_bias",
-        fixed_qkv_bias=None,
         parallel_residual=_stablelm_parallel,
-        final_norm_name="norm",
-        lm_head_bias=False,
         mlp_dropout_key="hidden_dropout",
         partial_rotary=True,
     ),
@@ -109,7 +98,6 @@ FAMILIES: dict[str, Family] = {
         mlp_cls=phi.PhiMLP,
         norm_cls=nn.LayerNorm,
         eps_key="layer_norm_eps",
-        qkv_bias_key=None,
         fixed_qkv_bias=True,
         parallel_residual=_always,
         final_norm_name="final_layernorm",
@@ -126,10 +114,6 @@ FAMILIES: dict[str, Family] = {
         norm_cls=ds2.DeepseekV2RMSNorm,
         eps_key="rms_norm_eps",
         qkv_bias_key="attention_bias",
-        fixed_qkv_bias=None,
-        parallel_residual=_never,
-        final_norm_name="norm",
-        lm_head_bias=False,
         free_head_dim=True,
     ),
 }

@@ -56,26 +56,27 @@ def our_logits(model: LanguageModel, ids_BS, mask_BS, position_ids_BS, cache=Non
     return model.logits(out.last_hidden_state)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.fixture(params=[(case, attn) for case in CASES for attn in ("eager", "sdpa")], ids="-".join)
+def pair_and_reference(request):
+    """Our model, a left-padded batch, and transformers' logits for it."""
+    ref, ours = build_pair(*request.param)
+    ids_BS, mask_BS, position_ids_BS = batch = left_padded_batch()
+    with torch.no_grad():
+        expected = ref(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS).logits
+    return ours, batch, expected
+
+
 @torch.no_grad()
-def test_full_forward_matches_transformers(case, attn):
-    ref, ours = build_pair(case, attn)
-    ids_BS, mask_BS, position_ids_BS = left_padded_batch()
-    expected = ref(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS).logits
+def test_full_forward_matches_transformers(pair_and_reference):
+    ours, (ids_BS, mask_BS, position_ids_BS), expected = pair_and_reference
     got = our_logits(ours, ids_BS, mask_BS, position_ids_BS)
     keep = mask_BS.bool()
     assert (got[keep] - expected[keep]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
-def test_cached_decoding_matches_full_forward(case, attn):
-    ref, ours = build_pair(case, attn)
-    ids_BS, mask_BS, position_ids_BS = left_padded_batch()
-    full = ref(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS).logits
-
+def test_cached_decoding_matches_full_forward(pair_and_reference):
+    ours, (ids_BS, mask_BS, position_ids_BS), expected = pair_and_reference
     prefill = 5
     cache = DynamicCache(config=ours.config)
     steps = [our_logits(ours, ids_BS[:, :prefill], mask_BS[:, :prefill], position_ids_BS[:, :prefill], cache)]
@@ -84,4 +85,4 @@ def test_cached_decoding_matches_full_forward(case, attn):
     got = torch.cat(steps, dim=1)
     assert cache.get_seq_length() == ids_BS.shape[1]
     keep = mask_BS.bool()
-    assert (got[keep] - full[keep]).abs().max() <= 1e-5
+    assert (got[keep] - expected[keep]).abs().max() <= 1e-5
