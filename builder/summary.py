@@ -5,7 +5,10 @@ transformers 5.x: `CLIPVisionModel` / `SiglipVisionModel` (every block kept, wha
 select_layer; SigLIP's attention-pooling head when use_head), the connectors of
 `moebuild.connectors`, and the decoder families of `moebuild.language` (`modeling_<family>.py`)
 with each MoE layer's FFN replaced by its expert pools (`moebuild.moe.experts`, stacked
-transformers-5 layout) and one E x H router weight per top-k route.
+transformers-5 layout) and one E x H router weight per top-k route. Parts, named as the modules'
+parameters group: vision embeddings / norms / layers / head; connector layers; language
+embedding, attention (projections and MLA's inner norms), norms, dense_ffn, experts.<pool>,
+routers, lm_head (only its bias when tied to the embedding).
 
 Active parameters per token (the `counting` sentence in the JSON says the same):
 - a token takes the routes whose `tokens` match its modality (text or image); in a pool it uses
