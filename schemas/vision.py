@@ -30,7 +30,7 @@ class _VisionBase(SpecModel):
     image_size: PositiveInt
     """Input resolution in pixels (square)."""
     patch_size: PositiveInt
-    """Side of one patch in pixels."""
+    """Side of one patch in pixels; the grid is image_size // patch_size (384 / 14 -> 27, as SigLIP-SO400M)."""
     hidden_size: PositiveInt
     """Width of the tower."""
     num_layers: PositiveInt
@@ -54,8 +54,8 @@ class _VisionBase(SpecModel):
     def _shape_rules(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
             raise ValueError(
                 f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
