@@ -167,3 +167,7 @@ def spec_json_schema() -> dict:
 
     body = ModelSpec.model_json_schema()
     return {"$schema": SCHEMA_URI, **body, "title": "moebuild spec"}
+
+
+if __name__ == "__main__":
+    main()

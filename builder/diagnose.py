@@ -146,6 +146,11 @@ def _place(root: Node, path: SpecPath, what: str):
     return node.key_or_value_pos()
 
 
+def declares(model: type[BaseModel], path: SpecPath, data: Any) -> bool:
+    """Whether ``model`` has a key at ``path`` (a field of the model class found at its parent)."""
+    return bool(path) and path[-1] in _field_names(_model_at(model, path[:-1], data))
+
+
 def _model_at(model: type[BaseModel], path: SpecPath, data: Any) -> type[BaseModel] | None:
     found = _narrow(_annotation_at(model, path, data), _value_at(data, path))
     return found if _is_model(found) else None

@@ -16,9 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from moebuild import presets
+from moebuild.diagnose import declares, validation_diagnostics
 from moebuild.errors import Diagnostic, SpecError, SpecPath
 from moebuild.overrides import apply_overrides
 from moebuild.spec_tree import Node, Pos, from_plain, merge, read_yaml, to_plain, walk
@@ -31,18 +35,12 @@ def load_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
 
     Raises SpecError listing every problem, each at the place it was written.
     """
-    from moebuild.schemas import ModelSpec
-
-    return load_as(ModelSpec, name_or_path, overrides)
+    return load_as(_model_spec(), name_or_path, overrides)
 
 
 def load_as(model: type, name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
     """Like load_spec, validating with another pydantic model (a spec section, a test model)."""
-    from pydantic import ValidationError
-
-    from moebuild.diagnose import validation_diagnostics
-
-    root, problems, poisoned = _resolve(name_or_path, overrides)
+    root, problems, poisoned = _resolve(model, name_or_path, overrides)
     data = to_plain(root)
     try:
         spec = model.model_validate(data)
@@ -56,7 +54,7 @@ def load_as(model: type, name_or_path: str | os.PathLike, overrides: Sequence[st
 
 def resolve_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The merged, overridden and interpolated spec as plain data, before validation."""
-    root, problems, _ = _resolve(name_or_path, overrides)
+    root, problems, _ = _resolve(_model_spec(), name_or_path, overrides)
     _raise_if_any(problems)
     return to_plain(root)
 
@@ -65,16 +63,20 @@ def dump_yaml(data: Any) -> str:
     """Block-style YAML for plain data: ``type`` first, lists of scalars on one line, ``null`` spelled out."""
     yaml = YAML()
     yaml.width = 100
-    yaml.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.Representer = _Representer
     out = io.StringIO()
     yaml.dump(_flow_leaf_lists(data), out)
     return out.getvalue()
 
 
-def _flow_leaf_lists(data: Any) -> Any:
-    from ruamel.yaml.comments import CommentedSeq
+class _Representer(RoundTripRepresenter):
+    """Writes None as ``null`` (round-trip YAML leaves it empty, which reads oddly)."""
 
+
+_Representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+
+
+def _flow_leaf_lists(data: Any) -> Any:
     if isinstance(data, dict):
         keys = sorted(data, key=lambda k: k != "type")  # stable: only moves `type` to the front
         return {k: _flow_leaf_lists(data[k]) for k in keys}
@@ -92,12 +94,19 @@ def _raise_if_any(problems: list[Diagnostic]) -> None:
         raise SpecError(sorted(problems, key=lambda d: (d.file, d.line or 0, d.col or 0)))
 
 
-def _resolve(name_or_path, overrides) -> tuple[Node, list[Diagnostic], list[SpecPath]]:
+def _model_spec() -> type:
+    from moebuild.schemas import ModelSpec
+
+    return ModelSpec
+
+
+def _resolve(model: type, name_or_path, overrides) -> tuple[Node, list[Diagnostic], list[SpecPath]]:
     """The merged tree, the non-fatal problems, and paths whose values are known bad."""
     problems: list[Diagnostic] = []
+    overrides = (overrides,) if isinstance(overrides, str) else tuple(overrides)
     path, shown = _locate_top(name_or_path)
     root = _load_chain(path, shown, [], problems)
-    apply_overrides(root, tuple(overrides), problems)
+    apply_overrides(root, overrides, problems, lambda tree, path: declares(model, path, to_plain(tree)))
     poisoned = _interpolate(root, problems)
     return root, problems, poisoned
 

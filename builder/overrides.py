@@ -5,11 +5,14 @@
 list items are addressed as ``routes.0.top_k`` or ``routes[0].top_k``. A mapping value merges
 into the existing mapping under the same rules as ``base:``. Every node an override writes is
 positioned at ``<override 'a.b=1'>``, so a later error names the override.
+A key the schema declares counts as existing even where the spec leaves it to its default,
+so ``moe.dispatch.backend=torch`` works on a spec that never wrote ``dispatch``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ruamel.yaml import YAML
@@ -35,7 +38,12 @@ class Override:
         return self.pos().error(self.path if path is None else path, message)
 
 
-def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: list[Diagnostic]) -> None:
+Declared = Callable[[Node, SpecPath], bool]
+"""Whether the schema has a key at this path of the tree (written or not)."""
+
+
+def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: list[Diagnostic],
+                    declared: Declared = lambda root, path: False) -> None:
     """Apply each override to ``root`` in place; a bad one becomes a diagnostic and is skipped."""
     for text in texts:
         try:
@@ -43,7 +51,7 @@ def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: li
         except _BadOverride as bad:
             problems.append(bad.diagnostic)
             continue
-        _apply(root, override, problems)
+        _apply(root, override, problems, lambda path: declared(root, path))
 
 
 class _BadOverride(Exception):
@@ -86,12 +94,15 @@ def _parse_key(key: str, blank: Override) -> SpecPath:
     return tuple(path)
 
 
-def _apply(root: Node, ov: Override, problems: list[Diagnostic]) -> None:
+def _apply(root: Node, ov: Override, problems: list[Diagnostic], declared: Callable[[SpecPath], bool]) -> None:
+    def absent(path: SpecPath) -> bool:
+        return ov.op == "~" or ov.op == "=" and not declared(path)
+
     parent = root
     for depth, key in enumerate(ov.path[:-1]):
         child = _child(parent, key)
         if child is None:
-            if ov.op in ("=", "~") or not isinstance(parent.value, dict):
+            if absent(ov.path[: depth + 1]) or not isinstance(parent.value, dict):
                 problems.append(_missing(ov, parent, ov.path[: depth + 1]))
                 return
             child = Node({}, ov.pos(), ov.pos())
@@ -102,7 +113,7 @@ def _apply(root: Node, ov: Override, problems: list[Diagnostic]) -> None:
         problems.append(ov.error(f"'{format_path(ov.path[:-1])}' is a scalar, not a mapping or list"))
         return
     existing = _child(parent, last)
-    if existing is None and ov.op in ("=", "~"):
+    if existing is None and absent(ov.path):
         problems.append(_missing(ov, parent, ov.path))
     elif existing is not None and ov.op == "+":
         problems.append(ov.error(f"key already exists; to change it write '{ov.text[1:]}' "

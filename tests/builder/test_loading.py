@@ -247,3 +247,10 @@ def test_missing_type_and_missing_key(tmp_path):
 def test_plain_union_reports_the_member_that_fits(tmp_path):
     lines = errors("micro-moe-llava", ["moe.layers=[0, x]"])
     assert lines == ["<override 'moe.layers=[0, x]'>:1:16: error: moe.layers[1]: expected an integer, got 'x'"]
+
+
+def test_change_a_key_left_to_its_default():
+    data = resolve_spec("micro-moe-llava", ["moe.dispatch.backend=torch", "moe.routes.0.router.scale=2.5"])
+    assert data["moe"]["dispatch"] == {"backend": "torch"}
+    assert data["moe"]["routes"][0]["router"]["scale"] == 2.5
+    assert load_spec("micro-moe-llava", ["moe.dispatch.backend=torch"]).moe.dispatch.backend == "torch"
