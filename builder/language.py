@@ -222,6 +222,10 @@ class LanguageModel(nn.Module):
                 module.to(dtype)
 
     @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 

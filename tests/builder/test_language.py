@@ -179,7 +179,7 @@ def test_bf16_build_keeps_fp32_rotary_and_tracks_fp32_output(name):
 def test_tied_embeddings_share_the_head():
     family, config = config_for("llama", tie_word_embeddings=True)
     model = LanguageModel(config, family)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight is model.embed_tokens.weight is model.model.embed_tokens.weight
 
 
 def test_phi_head_has_bias_and_final_layernorm_name():
