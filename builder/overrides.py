@@ -15,11 +15,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from moebuild.errors import Diagnostic, SpecPath, did_you_mean, format_path
-from moebuild.spec_tree import Node, Pos, merge, read_value
+from moebuild.spec_tree import DELETE, Node, Pos, merge, read_value
 
 _SEGMENT = re.compile(r"([A-Za-z_][\w-]*|\d+)((?:\[\d+\])*)")
 
@@ -79,6 +78,8 @@ def parse_override(text: str) -> Override:
         raise _BadOverride(value_pos.error(path, message)) from None
     if problems:
         raise _BadOverride(problems[0])
+    if value.tag == DELETE:
+        raise _BadOverride(blank.error(f"to delete a key write '~{key}'", path))
     return Override(text, op or "=", path, value)
 
 
@@ -87,7 +88,8 @@ def _parse_key(key: str, blank: Override) -> SpecPath:
     for segment in key.split("."):
         match = _SEGMENT.fullmatch(segment)
         if not match:
-            raise _BadOverride(blank.error(f"malformed key {key!r}; write keys as a.b.c, list items as a.0.b or a[0].b"))
+            message = f"malformed key {key!r}; write keys as a.b.c, list items as a.0.b or a[0].b"
+            raise _BadOverride(blank.error(message))
         head, indices = match.groups()
         path.append(int(head) if head.isdigit() else head)
         path.extend(int(i) for i in re.findall(r"\d+", indices))
@@ -135,7 +137,8 @@ def _set(parent: Node, key: str | int, existing: Node | None, ov: Override,
     elif key == len(parent.value):
         parent.value.append(value)
     else:
-        problems.append(ov.error(f"index {key} is past the end of a list of {len(parent.value)} items"))
+        size = len(parent.value)
+        problems.append(ov.error(f"no item {key}: the list has {size} items (a new one goes at {size})"))
 
 
 def _key(parent: Node, key: str | int) -> str | int:

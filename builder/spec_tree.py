@@ -74,7 +74,7 @@ def read_yaml(path: Path, shown: str) -> Node:
     if data is None:
         raise SpecError([Pos(shown, 1, 1).error((), "empty file; expected a mapping of spec keys")])
     if not isinstance(data, CommentedMap):
-        found = describe_value(from_plain(data, whole).value)
+        found = describe_value(_scalar(data) if not isinstance(data, list) else data)
         raise SpecError([Pos(shown, 1, 1).error((), f"expected a mapping of spec keys, got {found}")])
     problems: list[Diagnostic] = []
     root = _from_ruamel(data, Pos(shown, 1, 1), None, shown, (), problems)

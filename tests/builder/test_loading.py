@@ -169,6 +169,8 @@ def test_override_cross_field_error_names_the_override():
     ("moe..layers=1", "malformed key 'moe..layers'; write keys as a.b.c, list items as a.0.b or a[0].b"),
     ("moe.layers", "expected 'key=value', '+key=value', '++key=value' or '~key', got 'moe.layers'"),
     ("~name=x", "name: '~key' deletes a key and takes no value"),
+    ("name=!delete", "name: to delete a key write '~name'"),
+    ("+moe.routes.2={pool: experts}", "moe.routes[2]: no item 2: the list has 1 items (a new one goes at 1)"),
 ])
 def test_bad_override(override, message):
     lines = errors("micro-moe-llava", [override])
@@ -180,9 +182,10 @@ def test_bad_override_value_yaml():
     assert line.startswith("<override 'moe.layers=[0, 2'>:1:12: error: moe.layers: value '[0, 2' is not valid YAML")
 
 
-def test_plus_creates_missing_parents():
-    data = resolve_spec("micro-moe-llava", ["+extra.deep.key=1"])
+def test_plus_creates_missing_parents_and_appends_list_items():
+    data = resolve_spec("micro-moe-llava", ["+extra.deep.key=1", "+moe.routes.1={tokens: image}"])
     assert data["extra"] == {"deep": {"key": 1}}
+    assert data["moe"]["routes"][1] == {"tokens": "image"}
 
 
 # --- interpolation -----------------------------------------------------------------------------
