@@ -161,6 +161,68 @@ def schema(output: Path | None):
         click.echo(f"wrote {output}", err=True)
 
 
+@main.command()
+@click.argument("spec")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Context length the attention FLOPs per token are counted at.")
+def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
+    """Parameters (total and active per token, per component), FLOPs per token, weight memory per
+    dtype and KV-cache bytes per token, computed from SPEC alone: nothing is allocated, so the
+    largest presets answer at once.
+
+    \b
+    Examples:
+      moebuild summary micro-deepseek-vl2
+      moebuild summary my_model.yaml --json | jq .active_params
+    """
+    from moebuild.loading import load_spec
+    from moebuild.summary import format_table, summarize
+
+    report = summarize(load_spec(spec, overrides), context=context)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_table(report))
+
+
+@main.command("compile")
+@click.argument("spec")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the model to (config.json, model.safetensors, spec.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--device", type=click.Choice(["cpu", "meta"]), default="cpu", show_default=True,
+              help="meta: build without allocating, write config.json and spec.yaml only.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str, dtype: str, seed: int, force: bool):
+    """Build SPEC into a model and save it to OUTPUT, then print its summary.
+
+    The model is written to a temporary directory beside OUTPUT and renamed at the end, so
+    OUTPUT never holds a half-written model. The directory loads back with
+    `moebuild.MoEVLMForConditionalGeneration.from_pretrained(OUTPUT)`.
+
+    \b
+    Examples:
+      moebuild compile micro-moe-llava -o out/micro-moe-llava
+      moebuild compile my_model.yaml -o out/m --set moe.pools.experts.num_experts=8 --dtype bfloat16
+      moebuild compile deepseek-vl2-tiny -o out/tiny --device meta
+    """
+    from moebuild.loading import load_spec
+    from moebuild.summary import format_table, summarize
+
+    parsed = load_spec(spec, overrides)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise click.ClickException(f"{output} exists and is not empty (use --force to replace it)")
+    from moebuild.compile import build_and_save
+
+    try:
+        build_and_save(parsed, output, device=device, dtype=dtype, seed=seed)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"{spec}: {exc}") from None
+    click.echo(format_table(summarize(parsed)))
+    click.echo(f"wrote {output}" + (" (config and spec only: built on meta)" if device == "meta" else ""))
+
+
 def spec_json_schema() -> dict:
     """JSON Schema of ``ModelSpec`` with ``$schema`` and ``title`` set."""
     from moebuild.schemas import ModelSpec

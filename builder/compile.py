@@ -282,3 +282,26 @@ def build_processor(spec):
         )
     tokens = token_side**2 + (vision.select_feature == "cls_patch")
     return build_image_processor(vision.type, image_size=vision.image_size, tokens_per_image=tokens)
+
+
+def build_and_save(spec: ModelSpec, output, *, device="cpu", dtype=None, seed=None) -> None:
+    """Build and save to `output` atomically: a temporary sibling directory renamed at the end."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model = build(spec, device=device, dtype=dtype, seed=seed)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        if device == "meta":
+            model.config.save_pretrained(staging)
+            model.write_spec(staging)
+        else:
+            model.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

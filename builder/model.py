@@ -147,7 +147,6 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         modality: torch.LongTensor | None = None,
         output_router_stats: bool = False,
         logits_to_keep: int = 0,
@@ -165,7 +164,6 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else not self.training,
-            cache_position=cache_position,
             modality_BS=modality,
         )
         hidden = out.last_hidden_state
@@ -185,12 +183,17 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             router_stats=out.router_stats if output_router_stats else None,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        # Images enter once, at prefill; later steps see only the new token.
-        if inputs.get("cache_position") is None or inputs["cache_position"][0] == 0:
-            inputs["pixel_values"] = pixel_values
-        return inputs
+    def write_spec(self, directory) -> None:
+        """Write the resolved spec as `spec.yaml`: the model's definition, readable and re-loadable."""
+        from pathlib import Path
+
+        from .loading import dump_yaml
+
+        (Path(directory) / "spec.yaml").write_text(dump_yaml(self.config.spec))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.write_spec(save_directory)
 
     def trainable_for_stage(self, stage: str) -> dict[str, int]:
         """Freeze everything but the stage's `trainable` patterns; return trainable counts per group."""

@@ -10,6 +10,12 @@ from .base import Activation, SpecModel
 
 LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
 
+# What each transformers family can be told (mirrors moebuild.language_families, which imports
+# transformers and so cannot be read here): the spec refuses what the build would refuse.
+PARTIAL_ROTARY_FAMILIES = {"stablelm", "phi"}
+FIXED_HEAD_DIM_FAMILIES = {"stablelm", "phi"}
+ALWAYS_QKV_BIAS_FAMILIES = {"qwen2", "phi"}
+
 
 class MultiHeadAttention(SpecModel):
     """Standard multi-head attention: one key/value head per query head."""
@@ -96,4 +102,10 @@ class LanguageSpec(SpecModel):
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
         if self.attention.type == "mha" and kv != self.num_heads:
             raise ValueError(f"mha attention needs num_kv_heads == num_heads ({self.num_heads}); use type: gqa")
+        if self.partial_rotary_factor is not None and self.type not in PARTIAL_ROTARY_FAMILIES:
+            raise ValueError(f"partial_rotary_factor is only for {' and '.join(sorted(PARTIAL_ROTARY_FAMILIES))}, not {self.type}")
+        if self.type in FIXED_HEAD_DIM_FAMILIES and self.head_dim not in (None, self.hidden_size // self.num_heads):
+            raise ValueError(f"{self.type} fixes head_dim to hidden_size / num_heads ({self.hidden_size // self.num_heads})")
+        if self.qkv_bias is False and self.type in ALWAYS_QKV_BIAS_FAMILIES:
+            raise ValueError(f"{self.type} always has qkv biases; remove qkv_bias: false")
         return self
