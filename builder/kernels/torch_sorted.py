@@ -49,4 +49,4 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
     y_AD = torch.cat([y_AD.new_zeros(num_dropped, y_AD.shape[1]), y_AD])
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    return y_AD[inverse_A].view(T, K, -1).sum(dim=1)
+    return y_AD[inverse_A].view(T, K, x_TD.shape[1]).sum(dim=1)

@@ -1,0 +1,117 @@
+"""Every dispatch backend against a literal per-token loop, and against each other in the backward
+(the megablocks equivalence ladder: grouped == per-expert loop == per-token loop)."""
+
+import pytest
+import torch
+
+from moebuild.moe.dispatch import BACKENDS, get_dispatch
+from moebuild.moe.experts import ExpertPool
+
+
+def per_token_loop(x_TD, weights_TK, ids_TK, pool):
+    """y_t = sum over kept slots k of weights[t, k] * expert_{ids[t, k]}(x_t), one token at a time."""
+    w_in = pool.gate_up_proj if pool.gated else pool.up_proj
+    b_in = pool.gate_up_proj_bias if pool.gated else pool.up_proj_bias
+    I = pool.intermediate_size
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y_D = torch.zeros_like(x_TD[t])
+        for k in range(ids_TK.shape[1]):
+            e = int(ids_TK[t, k])
+            if e < 0:
+                continue
+            h = w_in[e] @ x_TD[t] + (b_in[e] if b_in is not None else 0)
+            h = pool.act_fn(h[:I]) * h[I:] if pool.gated else pool.act_fn(h)
+            out = pool.down_proj[e] @ h + (pool.down_proj_bias[e] if pool.down_proj_bias is not None else 0)
+            y_D = y_D + weights_TK[t, k] * out
+        rows.append(y_D)
+    return torch.stack(rows) if rows else torch.zeros_like(x_TD)
+
+
+def random_ids(T, K, E, generator):
+    """Distinct experts per token, as a top-k router gives."""
+    return torch.rand(T, E, generator=generator).topk(K, dim=-1).indices
+
+
+# name: (T, E, K, pool kwargs, how ids are made)
+CASES = {
+    "basic": (13, 4, 2, {}, "random"),
+    "empty_experts": (9, 8, 2, {}, "low_experts"),
+    "all_on_one_expert": (7, 5, 1, {}, "one_expert"),
+    "k1": (11, 4, 1, {}, "random"),
+    "e1": (6, 1, 1, {}, "random"),
+    "one_token": (1, 4, 3, {}, "random"),
+    "no_tokens": (0, 4, 2, {}, "random"),
+    "dropped_slots": (16, 4, 2, {}, "dropped"),
+    "all_dropped": (5, 4, 2, {}, "all_dropped"),
+    "gated_bias": (10, 3, 2, {"bias": True}, "dropped"),
+    "fc_gelu_bias": (10, 3, 2, {"gated": False, "bias": True, "activation": "gelu_new"}, "dropped"),
+    "fc_relu": (8, 4, 2, {"gated": False, "activation": "relu"}, "random"),
+}
+
+
+def make_case(name, seed=0):
+    T, E, K, pool_kwargs, ids_kind = CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pool = ExpertPool(E, 12, 10, **pool_kwargs)
+    for p in pool.parameters():  # non-zero biases so their gradients are checked too
+        p.data.normal_(0, 0.3, generator=g)
+    x_TD = torch.randn(T, 12, generator=g)
+    weights_TK = torch.rand(T, K, generator=g)
+    ids_TK = random_ids(T, K, E, g)
+    if ids_kind == "low_experts":
+        ids_TK = random_ids(T, K, 3, g)  # experts 3..7 get nothing
+    elif ids_kind == "one_expert":
+        ids_TK = torch.full((T, K), 2)
+    elif ids_kind == "dropped":
+        ids_TK = ids_TK.masked_fill(torch.rand(T, K, generator=g) < 0.3, -1)
+    elif ids_kind == "all_dropped":
+        ids_TK = torch.full((T, K), -1)
+    return pool, x_TD, weights_TK, ids_TK
+
+
+def output_and_grads(backend, pool, x_TD, weights_TK, ids_TK):
+    pool.zero_grad()
+    x_TD = x_TD.clone().requires_grad_()
+    weights_TK = weights_TK.clone().requires_grad_()
+    y_TD = backend(x_TD, weights_TK, ids_TK, pool)
+    if y_TD.requires_grad:  # not when every slot is dropped
+        y_TD.sum().backward()  # a stride-0 incoming gradient, the case grouped_mm rejects on CPU
+    leaves = {"x": x_TD, "weights": weights_TK} | dict(pool.named_parameters())
+    return y_TD.detach(), {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backend_matches_per_token_loop(backend, case):
+    pool, x_TD, weights_TK, ids_TK = make_case(case)
+    want, want_grads = output_and_grads(per_token_loop, pool, x_TD, weights_TK, ids_TK)
+    got, got_grads = output_and_grads(BACKENDS[backend], pool, x_TD, weights_TK, ids_TK)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_backend_matches_eager(case):
+    pool, x_TD, weights_TK, ids_TK = make_case(case, seed=1)
+    want, want_grads = output_and_grads(BACKENDS["eager"], pool, x_TD, weights_TK, ids_TK)
+    got, got_grads = output_and_grads(BACKENDS["torch"], pool, x_TD, weights_TK, ids_TK)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropped_slot_contributes_nothing_whatever_its_weight():
+    pool, x_TD, weights_TK, ids_TK = make_case("dropped_slots")
+    heavy_TK = weights_TK.masked_fill(ids_TK < 0, 100.0)
+    for backend in BACKENDS.values():
+        torch.testing.assert_close(backend(x_TD, heavy_TK, ids_TK, pool), backend(x_TD, weights_TK, ids_TK, pool))
+
+
+def test_auto_backend_and_unknown_name():
+    assert get_dispatch("auto", torch.device("cpu")) is BACKENDS["torch"]
+    with pytest.raises(ValueError, match="unknown dispatch backend 'cuda_magic'"):
+        get_dispatch("cuda_magic", torch.device("cpu"))
