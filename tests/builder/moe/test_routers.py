@@ -1,0 +1,127 @@
+"""Routers on hand-made logits: the router weight is the identity, so logits_TE == x_TD."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from moebuild.moe.routers import DenseRouter, TopKRouter
+
+LOGITS_TE = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 1.0], [-2.0, 0.0, 0.1, 0.2]])
+
+
+def identity_router(E, top_k, **kwargs):
+    router = TopKRouter(E, E, top_k, **kwargs)
+    router.weight.data = torch.eye(E)
+    return router
+
+
+def softmax_row(row):
+    exps = [math.exp(v) for v in row]
+    return [v / sum(exps) for v in exps]
+
+
+def test_softmax_then_topk():
+    routing = identity_router(4, 2).eval()(LOGITS_TE)
+    p = [softmax_row(row) for row in LOGITS_TE.tolist()]
+    want_ids = [[0, 1], [2, 3], [3, 2]]
+    want_weights = [[p[t][e] for e in ids] for t, ids in enumerate(want_ids)]
+    assert routing.ids_TK.tolist() == want_ids and routing.topk_ids_TK.tolist() == want_ids
+    torch.testing.assert_close(routing.weights_TK, torch.tensor(want_weights))
+    torch.testing.assert_close(routing.logits_TE, LOGITS_TE)
+    torch.testing.assert_close(routing.probs_TE, torch.tensor(p))
+    assert routing.weights_TK.dtype == torch.float32 and routing.ids_TK.dtype == torch.int64
+    assert routing.capacity is None
+
+
+def test_sigmoid_normalized_and_scaled():
+    routing = identity_router(4, 2, score="sigmoid", normalize=True, scale=2.5).eval()(LOGITS_TE)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    a, b = sig(2.0), sig(1.0)
+    torch.testing.assert_close(routing.weights_TK[0], torch.tensor([2.5 * a / (a + b), 2.5 * b / (a + b)]))
+    torch.testing.assert_close(routing.weights_TK.sum(-1), torch.full((3,), 2.5))
+
+
+def test_scale_applies_without_normalize():
+    plain = identity_router(4, 2).eval()(LOGITS_TE)
+    scaled = identity_router(4, 2, scale=16.0).eval()(LOGITS_TE)
+    torch.testing.assert_close(scaled.weights_TK, 16.0 * plain.weights_TK)
+
+
+# Choices (first, second): token 0 -> (1, 0), token 1 -> (0, 2), token 2 -> (0, 1).
+CAPACITY_LOGITS_TE = torch.tensor([[2.0, 3.0, 0.0], [3.0, 0.0, 2.0], [3.0, 2.0, 0.0]])
+
+
+def test_capacity_fills_first_choices_before_second_choices():
+    # C = ceil(T * K * cf / E) = ceil(3 * 2 * 0.5 / 3) = 1 slot per expert.
+    router = identity_router(3, 2, capacity_train=0.5)
+    routing = router.train()(CAPACITY_LOGITS_TE)
+    assert routing.capacity == 1
+    # Rank-major: firsts t0->1, t1->0 kept, t2->0 dropped; seconds t0->0 dropped (e0 full),
+    # t1->2 kept, t2->1 dropped (e1 full). Token-major order would have kept t0->0 instead of t1->0.
+    assert routing.ids_TK.tolist() == [[1, -1], [0, 2], [-1, -1]]
+    assert routing.topk_ids_TK.tolist() == [[1, 0], [0, 2], [0, 1]]
+    probs_TE = CAPACITY_LOGITS_TE.softmax(-1)
+    want_TK = probs_TE.gather(1, routing.topk_ids_TK) * (routing.ids_TK >= 0)  # no renormalisation
+    torch.testing.assert_close(routing.weights_TK, want_TK)
+
+
+def test_min_capacity_and_eval_factor():
+    router = identity_router(3, 2, capacity_train=0.5, min_capacity=2, capacity_eval=None)
+    routing = router.train()(CAPACITY_LOGITS_TE)
+    assert routing.capacity == 2
+    assert routing.ids_TK.tolist() == [[1, -1], [0, 2], [0, 1]]
+    routing = router.eval()(CAPACITY_LOGITS_TE)
+    assert routing.capacity is None and routing.ids_TK.tolist() == [[1, 0], [0, 2], [0, 1]]
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "gumbel"])
+def test_selection_noise_is_training_only_and_weights_use_clean_scores(noise):
+    torch.manual_seed(0)
+    x_TD = torch.randn(64, 8)
+    router = identity_router(8, 2, noise=noise, noise_std=3.0)
+    clean = router.eval()(x_TD)
+    assert torch.equal(clean.ids_TK, x_TD.topk(2, dim=-1).indices)
+    noisy = router.train()(x_TD)
+    assert not torch.equal(noisy.ids_TK, clean.ids_TK)
+    torch.testing.assert_close(noisy.probs_TE, clean.probs_TE)
+    torch.testing.assert_close(noisy.weights_TK, clean.probs_TE.gather(1, noisy.ids_TK))
+
+
+def test_jitter_multiplies_the_input_in_training_only():
+    torch.manual_seed(0)
+    x_TD = torch.randn(32, 8)
+    router = identity_router(8, 2, noise="jitter")
+    assert router.noise_std == 0.01
+    torch.testing.assert_close(router.eval()(x_TD).logits_TE, x_TD)
+    jittered = router.train()(x_TD).logits_TE  # identity weight: logits are the jittered input
+    ratio = jittered / x_TD
+    assert not torch.allclose(jittered, x_TD)
+    assert ratio.min() >= 0.99 - 1e-6 and ratio.max() <= 1.01 + 1e-6
+
+
+def test_router_dtype_sets_logit_precision():
+    torch.manual_seed(0)
+    router = TopKRouter(16, 4, 2, router_dtype=torch.bfloat16)
+    x_TD = torch.randn(5, 16)
+    routing = router(x_TD)
+    want = F.linear(x_TD.bfloat16(), router.weight.bfloat16()).float()
+    assert torch.equal(routing.logits_TE, want)
+    assert routing.probs_TE.dtype == routing.weights_TK.dtype == torch.float32
+
+
+def test_layout_init_and_meta():
+    router = TopKRouter(32, 6, 2, device="meta")
+    assert router.weight.is_meta and router.weight.shape == (6, 32)
+    with pytest.raises(ValueError, match="top_k"):
+        TopKRouter(8, 4, 5)
+    with pytest.raises(ValueError, match="unknown score"):
+        TopKRouter(8, 4, 2, score="tanh")
+
+
+def test_dense_router_sends_every_token_to_every_expert():
+    routing = DenseRouter(3)(torch.randn(4, 8))
+    assert routing.ids_TK.tolist() == [[0, 1, 2]] * 4
+    assert torch.equal(routing.weights_TK, torch.ones(4, 3))
+    assert routing.probs_TE is None and not DenseRouter.balanced and TopKRouter.balanced
