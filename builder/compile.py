@@ -34,7 +34,7 @@ from .connectors import DownsampleMLPConnector as DownsampleMLP
 from .connectors import LinearConnector as Linear
 from .connectors import MLPConnector as MLP
 from .language import LanguageModel, make_hf_config
-from .moe import balancing, routers
+from .moe import routers
 from .moe.experts import ExpertPool
 from .moe.layer import BalancingTerm, MoELayer, Route
 from .vision import VisionTower, build_vision_tower
@@ -112,27 +112,17 @@ def build_dense_router(node: DenseRouter, *, hidden_size: int, num_experts: int)
     return routers.DenseRouter(num_experts)
 
 
-BALANCING_FNS: dict[str, Callable] = {
-    "switch_aux": balancing.switch_aux,
-    "load_balance": balancing.load_balance,
-    "z_loss": balancing.z_loss,
-}
-
-
 def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
     pools = {name: build_pool(pool, hidden_size=hidden_size, backend=node.dispatch.backend) for name, pool in node.pools.items()}
     routes = [
         Route(
-            selector=route.tokens,
-            router=build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),
-            pool=route.pool,
+            build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),
+            route.pool,
+            tokens=route.tokens,
         )
         for route in node.routes
     ]
-    terms = [
-        BalancingTerm(name=term.type, coef=term.coef, selector=term.tokens, fn=BALANCING_FNS[term.type])
-        for term in node.balancing
-    ]
+    terms = [BalancingTerm(term.type, term.coef, tokens=term.tokens) for term in node.balancing]
     return MoELayer(routes, terms, pools)
 
 
@@ -207,16 +197,21 @@ def build_components(spec: ModelSpec, text_config=None) -> tuple[VisionTower, nn
 
 
 def init_custom_weights(module: nn.Module, std: float) -> bool:
-    """Initialise the modules transformers' `_init_weights` does not know; True when handled."""
+    """Initialise the modules transformers' `_init_weights` does not know; True when handled.
+
+    transformers' `initialization` functions skip tensors already loaded by from_pretrained.
+    """
+    from transformers import initialization as init
+
     if isinstance(module, ExpertPool):
-        module.reset_parameters()
-        if getattr(module, "upcycle", False):
-            # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
-            for param in module.parameters(recurse=False):
-                param.copy_(param[:1].expand_as(param))
+        for name, param in module.named_parameters(recurse=False):
+            init.zeros_(param) if name.endswith("_bias") else init.normal_(param, std=std)
+            if getattr(module, "upcycle", False):
+                # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
+                init.copy_(param, param[:1].expand_as(param).clone())
         return True
     if isinstance(module, routers.TopKRouter):
-        nn.init.normal_(module.weight, std=std)
+        init.normal_(module.weight, std=std)
         return True
     return False
 

@@ -99,6 +99,10 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         from .compile import build_components
 
         self.vision, self.connector, self.language = build_components(config.parsed_spec, config.text_config)
+        # The nested transformers towers marked themselves initialised when they were built; forget
+        # that, so from_pretrained re-creates their non-persistent buffers (CLIP's position_ids).
+        for tensor_or_module in (*self.modules(), *self.parameters(), *self.buffers()):
+            tensor_or_module.__dict__.pop("_is_hf_initialized", None)
         self.post_init()
 
     @property

@@ -177,10 +177,12 @@ def build_vision_tower(
     if layer_norm_eps is not None:
         numbers["layer_norm_eps"] = layer_norm_eps
     config = _vision_config(kind, use_head, **numbers)
-    if pretrained is not None and torch.device(device or "cpu").type != "meta":
-        model = _load_pretrained(kind, pretrained, config, dtype).to(device)
+    # device=None builds on the caller's default device (e.g. inside `with torch.device("meta")`).
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if pretrained is not None and target.type != "meta":
+        model = _load_pretrained(kind, pretrained, config, dtype).to(target)
     else:
-        with torch.device(device or "cpu"):
+        with torch.device(target):
             model = _TOWERS[kind][1](config)
         if dtype is not None:
             model = model.to(dtype)

@@ -71,7 +71,7 @@ class BalancingTerm:
 
 @dataclass
 class MoELayerOutput:
-    hidden_states_BSD: Tensor
+    hidden_states: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # coef applied, summed over routes
     router_stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per route name
 

@@ -75,16 +75,16 @@ def test_matches_token_loop(backend):
     x_BSD, modality_BS, attention_mask_BS = inputs()
     out = layer(x_BSD, modality_BS, attention_mask_BS)
     want = token_loop(layer, x_BSD.reshape(-1, D), modality_BS.reshape(-1)).view_as(x_BSD)
-    torch.testing.assert_close(out.hidden_states_BSD, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.hidden_states, want, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_goes_through_experts_and_modality_defaults_to_text():
     layer = make_layer()
     x_BSD, modality_BS, attention_mask_BS = inputs()
-    masked = layer(x_BSD, modality_BS, attention_mask_BS).hidden_states_BSD
-    torch.testing.assert_close(masked, layer(x_BSD, modality_BS).hidden_states_BSD)
+    masked = layer(x_BSD, modality_BS, attention_mask_BS).hidden_states
+    torch.testing.assert_close(masked, layer(x_BSD, modality_BS).hidden_states)
     all_text = torch.full_like(modality_BS, TEXT)
-    torch.testing.assert_close(layer(x_BSD).hidden_states_BSD, layer(x_BSD, all_text).hidden_states_BSD)
+    torch.testing.assert_close(layer(x_BSD).hidden_states, layer(x_BSD, all_text).hidden_states)
 
 
 def test_balancing_terms_are_scoped_and_skip_dense_routes():
@@ -133,7 +133,7 @@ def test_backward_reaches_routers_and_every_expert_weight():
     layer = make_layer([BalancingTerm("switch_aux", 0.01)])
     x_BSD, modality_BS, attention_mask_BS = inputs()
     out = layer(x_BSD, modality_BS, attention_mask_BS)
-    (out.hidden_states_BSD.square().sum() + sum(out.aux_losses.values())).backward()
+    (out.hidden_states.square().sum() + sum(out.aux_losses.values())).backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -144,7 +144,7 @@ def test_route_without_tokens():
     out = layer(x_BSD)  # all text: the image route gets no tokens
     assert out.aux_losses["switch_aux"].item() == 0.0
     assert out.router_stats["image->vision"]["load"].tolist() == [0, 0, 0]
-    out.hidden_states_BSD.sum().backward()
+    out.hidden_states.sum().backward()
     assert x_BSD.grad.abs().sum() > 0
 
 
