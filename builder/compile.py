@@ -17,16 +17,13 @@ from torch import nn
 
 from moebuild.schemas import (
     ClipVision,
-    DenseRouter,
     DownsampleMLPConnector,
     LanguageSpec,
     LinearConnector,
     MLPConnector,
     ModelSpec,
     MoESpec,
-    PoolSpec,
     SiglipVision,
-    TopKRouter,
     moe_layer_indices,
 )
 
@@ -35,11 +32,9 @@ from .connectors import LinearConnector as Linear
 from .connectors import MLPConnector as MLP
 from .language import LanguageModel, make_hf_config
 from .moe import routers
+from .moe.build import DTYPES, MOE_BUILDERS, build_moe
 from .moe.experts import ExpertPool
-from .moe.layer import BalancingTerm, MoELayer, Route
 from .vision import VisionTower, build_vision_tower
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_vision(node: ClipVision | SiglipVision) -> VisionTower:
@@ -73,57 +68,6 @@ def build_mlp_connector(node: MLPConnector, *, in_dim: int, out_dim: int) -> nn.
 
 def build_downsample_connector(node: DownsampleMLPConnector, *, in_dim: int, out_dim: int) -> nn.Module:
     return DownsampleMLP(in_dim, out_dim, factor=node.factor, depth=node.depth, activation=node.activation)
-
-
-def build_pool(node: PoolSpec, *, hidden_size: int, backend: str = "auto") -> ExpertPool:
-    pool = ExpertPool(
-        node.num_experts,
-        hidden_size,
-        node.intermediate_size,
-        activation=node.activation,
-        gated=node.gated,
-        bias=node.bias,
-        backend=backend,
-    )
-    pool.upcycle = node.init == "upcycle"  # read by init_custom_weights: experts start as copies
-    return pool
-
-
-def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
-    capacity = node.capacity
-    noise = None if node.noise is None or node.noise.type == "none" else node.noise
-    return routers.TopKRouter(
-        hidden_size,
-        num_experts,
-        node.top_k,
-        score=node.score,
-        normalize=node.normalize,
-        scale=node.scale,
-        noise=None if noise is None else noise.type,
-        noise_std=None if noise is None else noise.std,
-        capacity_train=capacity.train if capacity else None,
-        capacity_eval=capacity.eval if capacity else None,
-        min_capacity=capacity.min if capacity else 0,
-        router_dtype=DTYPES[node.dtype],
-    )
-
-
-def build_dense_router(node: DenseRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
-    return routers.DenseRouter(num_experts)
-
-
-def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
-    pools = {name: build_pool(pool, hidden_size=hidden_size, backend=node.dispatch.backend) for name, pool in node.pools.items()}
-    routes = [
-        Route(
-            build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),
-            route.pool,
-            tokens=route.tokens,
-        )
-        for route in node.routes
-    ]
-    terms = [BalancingTerm(term.type, term.coef, tokens=term.tokens) for term in node.balancing]
-    return MoELayer(routes, terms, pools)
 
 
 def language_hf_config(node: LanguageSpec):
@@ -166,11 +110,8 @@ BUILDERS: dict[type, Callable[..., nn.Module]] = {
     LinearConnector: build_linear_connector,
     MLPConnector: build_mlp_connector,
     DownsampleMLPConnector: build_downsample_connector,
-    PoolSpec: build_pool,
-    TopKRouter: build_topk_router,
-    DenseRouter: build_dense_router,
-    MoESpec: build_moe,
     LanguageSpec: build_language,
+    **MOE_BUILDERS,
 }
 
 
