@@ -213,8 +213,11 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     parsed = load_spec(spec, overrides)
     if output.exists() and any(output.iterdir()) and not force:
         raise click.ClickException(f"{output} exists and is not empty (use --force to replace it)")
+    from transformers.utils import logging as hf_logging
+
     from moebuild.compile import build_and_save
 
+    hf_logging.disable_progress_bar()  # the summary table is the output; no shard-writing bars
     try:
         build_and_save(parsed, output, device=device, dtype=dtype, seed=seed)
     except (ValueError, OSError) as exc:

@@ -1,0 +1,84 @@
+"""`moebuild compile` and `moebuild summary`: what they write, what they refuse, what they print."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from moebuild.cli import main
+from moebuild.model import MoEVLMForConditionalGeneration
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_compile_writes_a_loadable_model_and_prints_the_summary(tmp_path):
+    out = tmp_path / "m"
+    result = run("compile", "micro-moe-llava", "-o", str(out), "--seed", "3", "--set", "moe.layers=all")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "spec.yaml", "generation_config.json"}
+    assert "2,102,784" in result.stdout and f"wrote {out}" in result.stdout  # 4 MoE layers now
+    model = MoEVLMForConditionalGeneration.from_pretrained(out)
+    assert model.spec.moe.layers == "all"
+    assert not list(tmp_path.glob(".m.*"))  # the staging directory is gone
+
+
+def test_compile_seed_makes_the_weights_reproducible(tmp_path):
+    for name in ("a", "b"):
+        assert run("compile", "micro-moe-llava", "-o", str(tmp_path / name), "--seed", "7").exit_code == 0
+    a = MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "a").state_dict()
+    b = MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_refuses_a_non_empty_directory_without_force(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path))
+    assert result.exit_code == 1
+    assert f"{tmp_path} exists and is not empty (use --force to replace it)" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    assert run("compile", "micro-moe-llava", "-o", str(tmp_path), "--force").exit_code == 0
+    assert not (tmp_path / "keep.txt").exists()
+
+
+def test_compile_on_meta_writes_config_and_spec_only(tmp_path):
+    result = run("compile", "micro-deepseek-vl2", "-o", str(tmp_path / "m"), "--device", "meta")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "spec.yaml"}
+    assert "built on meta" in result.stdout
+
+
+def test_compile_bad_spec_is_located_and_writes_nothing(tmp_path):
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--set", "moe.routes.0.router.top_k=9")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "<override 'moe.routes.0.router.top_k=9'>:1:27: error: moe.routes[0].router.top_k: "
+        "must be <= 4 (pool 'experts' has 4 experts)"
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_compile_error_while_building_is_one_line_and_leaves_no_output(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--set", f"language.pretrained={missing}")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.stderr.strip() == f"Error: micro-moe-llava: {missing}: not a local checkpoint directory"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_json_has_the_contract_keys():
+    result = run("summary", "micro-deepseek-vl2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("total_params", "active_params"):
+        assert isinstance(report[key], int)
+    components = report["components"]
+    assert components["vision"]["total"] + components["connector"]["total"] + components["language"]["total"] == (
+        report["total_params"]
+    )
+    assert components["language"]["active"] < components["language"]["total"]
+    assert components["language"]["embedding"] == 512 * 128
