@@ -226,6 +226,34 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     click.echo(f"wrote {output}" + (" (config and spec only: built on meta)" if device == "meta" else ""))
 
 
+@main.command()
+@click.argument("spec")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="File to draw to; its extension picks the format: .svg, .png, .dot (or .gv).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+def graph(spec: str, output: Path, overrides: tuple[str, ...]):
+    """Draw SPEC's routing graph: token groups -> routers -> expert pools, with the balancing terms
+    (dashed) on the routes they cover, titled with the decoder layers that are MoE layers.
+
+    Read from the spec alone: nothing is built and torch is not imported.
+
+    \b
+    Examples:
+      moebuild graph micro-ltdr -o routing.svg
+      moebuild graph my_model.yaml -o routing.dot && dot -Tpdf routing.dot -o routing.pdf
+    """
+    from moebuild.graph import FORMATS, write_graph
+    from moebuild.loading import load_spec
+
+    if output.suffix.lower() not in FORMATS:
+        raise click.ClickException(f"cannot draw to {output}: the extension must be one of {', '.join(FORMATS)}")
+    try:
+        write_graph(load_spec(spec, overrides), output)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"{spec}: {exc}") from None
+    click.echo(f"wrote {output}", err=True)
+
+
 def spec_json_schema() -> dict:
     """JSON Schema of ``ModelSpec`` with ``$schema`` and ``title`` set."""
     from moebuild.schemas import ModelSpec

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from .base import Activation, SpecModel, TokenSelector
+from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
 
 MAX_CAPACITY_FACTOR = 64.0
 
@@ -91,7 +92,10 @@ class DenseRouter(SpecModel):
     """Selects this kind: dense."""
 
 
-RouterSpec = Annotated[Union[TopKRouter, DenseRouter], Field(discriminator="type")]
+RouterSpec = Annotated[
+    Union[TopKRouter, DenseRouter, HierarchicalRouter, ModalityMixRouter, ContextRouter, QueryRouter],
+    Field(discriminator="type"),
+]
 
 
 class RouteSpec(SpecModel):

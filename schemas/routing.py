@@ -1,0 +1,89 @@
+"""Modality-aware routers of the routing graph, beyond hard modality routes.
+
+- `hierarchical`: a first gate picks groups of a pool's experts, a second picks experts inside
+  each chosen group, weight = p(group) * p(expert | group): the hierarchical mixture of experts
+  (Jordan & Jacobs 1994; Shazeer et al. 2017, sec. B) with modality groups as in VL-MoE's vision /
+  language experts (Shen et al. 2023, arXiv:2303.07226).
+- `modality_mix`: soft modality mixing, every group used, each token's group weights a learned
+  softmax per token modality (hard VL-MoE routing is the limit of one-hot weights).
+- `context`: top-k over [x, mean of the token's graph neighbours] (image patches on their 2-D
+  grid, text as a causal chain), aggregated by torch-geometric message passing.
+- `query`: top-k over [x, mean of the preceding text of the token's sequence]: image tokens
+  routed conditioned on the prompt text (query-dependent gating).
+
+Imports no torch; `moe.py` puts these classes in the `RouterSpec` union.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import SpecModel
+
+ExpertGroups = dict[str, PositiveInt]
+"""Named groups of consecutive experts of the route's pool, in order, sizes summing to its num_experts."""
+
+
+class _Grouped(SpecModel):
+    groups: ExpertGroups = Field(min_length=2)
+    """Named groups of consecutive experts of the pool, e.g. {image: 4, text: 4}; sizes sum to the pool's num_experts."""
+    top_k: PositiveInt = 1
+    """Experts chosen inside each chosen group."""
+    normalize: bool = False
+    """Renormalise each token's weights (over every chosen expert) to sum to 1."""
+
+    @model_validator(mode="after")
+    def _top_k_fits_every_group(self):
+        smallest = min(self.groups.values())
+        if self.top_k > smallest:
+            raise ValueError(f"top_k ({self.top_k}) must be <= the smallest group's size ({smallest})")
+        return self
+
+
+class HierarchicalRouter(_Grouped):
+    """Two-level routing: a gate over groups picks `top_groups`, then top-k experts inside each."""
+
+    type: Literal["hierarchical"]
+    """Selects this kind: hierarchical."""
+    top_groups: PositiveInt = 1
+    """Groups chosen per token by the first gate (softmax over groups)."""
+
+    @model_validator(mode="after")
+    def _top_groups_fit(self):
+        if self.top_groups > len(self.groups):
+            raise ValueError(f"top_groups ({self.top_groups}) must be <= the number of groups ({len(self.groups)})")
+        return self
+
+
+class ModalityMixRouter(_Grouped):
+    """Soft modality mixing: every group, weighted by a learned softmax over groups per token modality."""
+
+    type: Literal["modality_mix"]
+    """Selects this kind: modality_mix."""
+
+
+class _FeatureTopK(SpecModel):
+    top_k: PositiveInt
+    """Experts per token."""
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    """Score function over all experts, applied before selection."""
+    normalize: bool = False
+    """Renormalise each token's k weights to sum to 1."""
+
+
+class ContextRouter(_FeatureTopK):
+    """Top-k over the token and its neighbours' mean: image patches on their grid, text as a causal chain."""
+
+    type: Literal["context"]
+    """Selects this kind: context."""
+    hops: PositiveInt = 1
+    """Rounds of neighbour averaging (message passing) before the gate."""
+
+
+class QueryRouter(_FeatureTopK):
+    """Top-k over the token and the mean of the text tokens before it in its sequence (the prompt)."""
+
+    type: Literal["query"]
+    """Selects this kind: query."""

@@ -1,0 +1,110 @@
+"""`moebuild graph`: the routing graph of the micro presets as DOT, SVG and PNG, from the spec alone."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+from click.testing import CliRunner
+
+import moebuild
+from moebuild.cli import main
+from moebuild.graph import routing_graph, to_dot
+
+
+def dot_of(name: str, *overrides: str) -> str:
+    return to_dot(routing_graph(moebuild.load_spec(name, list(overrides))))
+
+
+def edges(dot: str) -> set[tuple[str, str, bool]]:
+    return {(a, b, "dashed" in rest) for a, b, rest in re.findall(r"^  (\w+) -> (\w+)(.*);$", dot, re.M)}
+
+
+def labels(dot: str) -> dict[str, str]:
+    return dict(re.findall(r'^  (\w+) \[label="(.*?)", fillcolor', dot, re.M))
+
+
+def test_micro_moe_llava():
+    dot = dot_of("micro-moe-llava")
+    assert 'label="micro-moe-llava: MoE in decoder layers [0, 2] of 4"' in dot
+    assert labels(dot) == {
+        "tokens_all": "all tokens",
+        "router_0": r"topk\ntop_k: 2\nnormalize: True\ncapacity: {train: 1.5, eval: 2.0}",
+        "pool_experts": r"experts\n4 experts x 256",
+        "balance_0": r"switch_aux\ncoef: 0.01\nover all tokens",
+    }
+    assert edges(dot) == {("tokens_all", "router_0", False), ("router_0", "pool_experts", False),
+                          ("balance_0", "router_0", True)}
+
+
+def test_micro_deepseek_vl2_dense_shared_route_is_not_balanced():
+    dot = dot_of("micro-deepseek-vl2")
+    assert labels(dot)["router_0"] == "dense" and labels(dot)["pool_routed"] == r"routed\n16 experts x 64"
+    assert edges(dot) == {
+        ("tokens_all", "router_0", False), ("router_0", "pool_shared", False),
+        ("tokens_all", "router_1", False), ("router_1", "pool_routed", False),
+        ("balance_0", "router_1", True),
+    }
+
+
+def test_micro_ltdr_balance_covers_the_text_route_only():
+    dot = dot_of("micro-ltdr")
+    assert labels(dot)["balance_0"] == r"load_balance\ncoef: 0.01\nover text tokens"
+    assert edges(dot) == {
+        ("tokens_text", "router_0", False), ("router_0", "pool_experts", False),
+        ("tokens_image", "router_1", False), ("router_1", "pool_experts", False),
+        ("balance_0", "router_0", True),
+    }
+
+
+def test_hierarchical_router_shows_its_groups():
+    dot = dot_of("micro-moe-llava", "moe.routes.0.router={type: hierarchical, groups: {image: 2, text: 2}, top_k: 1}")
+    assert labels(dot)["router_0"] == r"hierarchical\ngroups: {image: 2, text: 2}"
+
+
+def test_cli_writes_svg_that_parses_and_png_and_dot(tmp_path):
+    runner = CliRunner()
+    for suffix in (".svg", ".png", ".dot"):
+        out = tmp_path / f"g{suffix}"
+        result = runner.invoke(main, ["graph", "micro-ltdr", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    root = ET.parse(tmp_path / "g.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    groups = {g.get("id") for g in root.iter("{http://www.w3.org/2000/svg}g")}
+    assert groups == {"tokens_text", "tokens_image", "router_0", "router_1", "pool_experts", "balance_0"}
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "g.dot").read_text() == dot_of("micro-ltdr")
+
+
+def test_bad_extension_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(main, ["graph", "micro-ltdr", "-o", str(tmp_path / "g.jpg")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: cannot draw to {tmp_path / 'g.jpg'}: the extension must be one of .svg, .png, .dot, .gv"
+    ]
+    assert not (tmp_path / "g.jpg").exists()
+
+
+def test_graph_does_not_import_torch(tmp_path):
+    probe = (
+        "import sys\nfrom moebuild.cli import main\n"
+        f"try:\n    main(['graph', 'micro-deepseek-vl2', '-o', {str(tmp_path / 'g.svg')!r}])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout.splitlines(), proc.stderr[-2000:]
+    assert (tmp_path / "g.svg").exists()
+
+
+def test_help_has_examples():
+    assert "Example" in CliRunner().invoke(main, ["graph", "--help"]).output
+
+
+@pytest.mark.parametrize("name", moebuild.list_presets())
+def test_every_preset_draws(name):
+    graph = routing_graph(moebuild.load_spec(name))
+    ids = {node.id for node in graph.nodes}
+    assert all(edge.source in ids and edge.target in ids for edge in graph.edges)
