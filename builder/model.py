@@ -199,6 +199,16 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, *args, **kwargs)
         self.write_spec(save_directory)
 
+    @torch.no_grad()
+    def update_balancing(self) -> None:
+        """Call after each optimiser step (or add `moebuild.moe.BalancingCallback` to a Trainer): moves
+        aux-loss-free correction biases by the loads counted since the last call, advances top-k curricula."""
+        from .moe.layer import MoELayer
+
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                module.update_balancing()
+
     def trainable_for_stage(self, stage: str) -> dict[str, int]:
         """Freeze everything but the stage's `trainable` patterns; return trainable counts per group."""
         from .training import apply_stage
