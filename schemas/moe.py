@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from .base import Activation, SpecModel, TokenSelector
 from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
@@ -54,7 +54,8 @@ class NoiseSpec(SpecModel):
 
 
 class CapacitySpec(SpecModel):
-    """Expert capacity = max(ceil(tokens * top_k * factor / num_experts), min); overflow is dropped."""
+    """Expert capacity = max(ceil(tokens * top_k * factor / num_experts), min); overflow is dropped
+    and the token keeps its residual path."""
 
     train: PositiveFloat | None = Field(default=None, le=MAX_CAPACITY_FACTOR)
     """Capacity factor in training; null = dropless."""
@@ -62,6 +63,36 @@ class CapacitySpec(SpecModel):
     """Capacity factor in evaluation and generation; null = dropless."""
     min: NonNegativeInt = 0
     """Smallest capacity per expert."""
+    drop: Literal["by_position", "by_score"] = "by_position"
+    """Which slots an over-full expert keeps: by_position = all first choices, then second choices, each in token order (DeepSpeed); by_score = its highest gate weights."""
+
+
+class GroupSpec(SpecModel):
+    """Group-limited selection (DeepSeek-V3 n_group / topk_group): experts split into equal groups, a
+    group scores the sum of its two best expert scores, only the best top_groups groups are selectable."""
+
+    num_groups: PositiveInt
+    """Number of expert groups (must divide the pool's num_experts)."""
+    top_groups: PositiveInt
+    """Groups kept per token."""
+
+    @model_validator(mode="after")
+    def _top_groups_fit(self):
+        if self.top_groups > self.num_groups:
+            raise ValueError(f"top_groups ({self.top_groups}) must be <= num_groups ({self.num_groups})")
+        return self
+
+
+class CurriculumSpec(SpecModel):
+    """Top-k curriculum: k = min(top_k, start_k + step // steps_per_k), step = optimiser steps counted by model.update_balancing()."""
+
+    start_k: PositiveInt = 1
+    """k at step 0."""
+    steps_per_k: PositiveInt
+    """Optimiser steps between k and k + 1."""
+
+
+RouterDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class TopKRouter(SpecModel):
@@ -72,28 +103,127 @@ class TopKRouter(SpecModel):
     top_k: PositiveInt
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
-    """Score function, applied before selection (softmax over all experts, then top-k)."""
+    """Score function over the router logits."""
+    order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    """softmax_topk: score all experts, keep the k best (Mixtral, DeepSeek); topk_softmax: keep the k best logits, softmax over those k (needs score softmax)."""
     normalize: bool = False
     """Renormalise each token's k weights to sum to 1."""
     scale: PositiveFloat = 1.0
     """Routed scaling factor applied to the weights (after normalisation, if any)."""
+    bias: bool = False
+    """A correction bias (buffer e_score_correction_bias) added to the scores for selection only (DeepSeek-V3 noaux_tc); moved by an aux_free_bias balancing term."""
+    groups: GroupSpec | None = None
+    """Group-limited selection; null = all experts selectable."""
     noise: NoiseSpec | None = None
     """Noise on the selection in training; null = none."""
+    expert_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """In training, each token-expert pair is unselectable with this probability."""
+    curriculum: CurriculumSpec | None = None
+    """Raise k with training steps; null = top_k throughout."""
     capacity: CapacitySpec | None = None
     """Capacity limits with token dropping; null = dropless."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision of the router logits, softmax and top-k."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits (scores and top-k are always fp32)."""
+
+    @model_validator(mode="after")
+    def _order_needs_softmax(self):
+        if self.order == "topk_softmax" and self.score != "softmax":
+            raise ValueError("order topk_softmax needs score softmax")
+        return self
+
+
+class DeepSpeedTop2Router(SpecModel):
+    """MoE-LLaVA's gate (DeepSpeed top2gating): softmax; top-1 argmax; second = argmax(logits + Gumbel) without the first, in training and evaluation; capacity max(ceil(2*T*cf/E), min) filled first choices first, in token order; kept gates renormalised."""
+
+    type: Literal["deepspeed_top2"]
+    """Selects this kind: deepspeed_top2."""
+    capacity: CapacitySpec | None = None
+    """Capacity factors (MoE-LLaVA: train 1.5, eval 2.0, min 0); drop must be by_position; null = dropless."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits."""
+
+    @model_validator(mode="after")
+    def _by_position(self):
+        if self.capacity is not None and self.capacity.drop != "by_position":
+            raise ValueError("deepspeed_top2 drops by_position")
+        return self
+
+
+class ExpertChoiceRouter(SpecModel):
+    """Expert choice (Zhou et al. 2022): each expert takes the capacity_factor * n / E tokens of the call it scores highest. Not causal: a token's routing depends on later tokens."""
+
+    type: Literal["expert_choice"]
+    """Selects this kind: expert_choice."""
+    capacity_factor: PositiveFloat = Field(default=2.0, le=MAX_CAPACITY_FACTOR)
+    """Average experts per token."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits."""
+
+
+class SoftRouter(SpecModel):
+    """Soft MoE (Puigcerver et al. 2024): expert slots take softmax-weighted mixes of one sequence's tokens in the call; tokens take mixes of slot outputs. Not causal."""
+
+    type: Literal["soft"]
+    """Selects this kind: soft."""
+    slots_per_expert: PositiveInt = 1
+    """Slots each expert processes per sequence."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits."""
+
+
+class ThresholdRouter(SpecModel):
+    """Top-p routing: each token takes its smallest set of best experts whose softmax mass reaches threshold, at most max_experts."""
+
+    type: Literal["threshold"]
+    """Selects this kind: threshold."""
+    threshold: float = Field(gt=0.0, le=1.0)
+    """Probability mass p to reach."""
+    max_experts: PositiveInt
+    """Most experts per token."""
+    normalize: bool = False
+    """Renormalise each token's weights to sum to 1."""
+    scale: PositiveFloat = 1.0
+    """Scaling factor applied to the weights."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits."""
+
+
+class DynamicTopKRouter(SpecModel):
+    """LTDR (Cai et al. 2025): tokens whose routing-probability variance exceeds the mean over the route's tokens in the batch take tail_top_k experts, the others top_k; at inference too."""
+
+    type: Literal["dynamic_topk"]
+    """Selects this kind: dynamic_topk."""
+    top_k: PositiveInt
+    """Experts per ordinary token."""
+    tail_top_k: PositiveInt
+    """Experts per tail token (LTDR: 4 of 4 experts, 12 of 64)."""
+    normalize: bool = False
+    """Renormalise each token's weights to sum to 1."""
+    scale: PositiveFloat = 1.0
+    """Scaling factor applied to the weights."""
+    dtype: RouterDtype = "float32"
+    """Precision of the router logits."""
+
+    @model_validator(mode="after")
+    def _tail_at_least_top_k(self):
+        if self.tail_top_k < self.top_k:
+            raise ValueError(f"tail_top_k ({self.tail_top_k}) must be >= top_k ({self.top_k})")
+        return self
 
 
 class DenseRouter(SpecModel):
-    """Every token to every expert of the pool with weight 1 (shared experts)."""
+    """Every token to every expert of the pool (shared experts), with weight 1 or a sigmoid gate."""
 
     type: Literal["dense"]
     """Selects this kind: dense."""
+    gate: Literal["none", "sigmoid"] = "none"
+    """none = weight 1; sigmoid = weight sigmoid(x . w) per token, one learned w [hidden] (Qwen2-MoE shared_expert_gate)."""
 
 
 RouterSpec = Annotated[
-    Union[TopKRouter, DenseRouter, HierarchicalRouter, ModalityMixRouter, ContextRouter, QueryRouter],
+    Union[
+        TopKRouter, DenseRouter, DeepSpeedTop2Router, ExpertChoiceRouter, SoftRouter, ThresholdRouter, DynamicTopKRouter,
+        HierarchicalRouter, ModalityMixRouter, ContextRouter, QueryRouter],
     Field(discriminator="type"),
 ]
 
@@ -139,7 +269,32 @@ class ZLoss(_BalancingTerm):
     """Weight of the term in the loss (summed over MoE layers)."""
 
 
-BalancingSpec = Annotated[Union[SwitchAux, LoadBalance, ZLoss], Field(discriminator="type")]
+class SeqAux(_BalancingTerm):
+    """DeepSeek sequence-wise balance loss: per sequence sum_e f_e * P_e (f_e = E * share of the sequence's assignments, P_e = mean normalised score), averaged over sequences; 1.0 when balanced."""
+
+    type: Literal["seq_aux"]
+    """Selects this kind: seq_aux."""
+
+
+class Entropy(_BalancingTerm):
+    """Mean entropy of each token's normalised router scores; with coef > 0 it sharpens routing."""
+
+    type: Literal["entropy"]
+    """Selects this kind: entropy."""
+
+
+class AuxFreeBias(SpecModel):
+    """Aux-loss-free balancing (DeepSeek-V3): after each optimiser step (model.update_balancing() or BalancingCallback), every router with bias: true moves its correction bias by rate * sign(mean load - load_e). Adds nothing to the loss."""
+
+    type: Literal["aux_free_bias"]
+    """Selects this kind: aux_free_bias."""
+    rate: PositiveFloat = 0.001
+    """Update speed gamma."""
+    tokens: TokenSelector = "all"
+    """Which tokens the loads are counted over (padding never counts)."""
+
+
+BalancingSpec = Annotated[Union[SwitchAux, LoadBalance, SeqAux, Entropy, ZLoss, AuxFreeBias], Field(discriminator="type")]
 
 
 class DispatchSpec(SpecModel):
@@ -162,6 +317,15 @@ class MoESpec(SpecModel):
     """Balancing terms added to the loss, each over its tokens."""
     dispatch: DispatchSpec = DispatchSpec()
     """Expert dispatch backend."""
+
+    @model_validator(mode="after")
+    def _aux_free_bias_needs_a_bias(self):
+        bias_terms = [term for term in self.balancing if term.type == "aux_free_bias"]
+        if len(bias_terms) > 1:
+            raise ValueError("at most one aux_free_bias term")
+        if bias_terms and not any(getattr(route.router, "bias", False) is True for route in self.routes):
+            raise ValueError("aux_free_bias needs a route whose router has bias: true")
+        return self
 
 
 def moe_layer_indices(layers: LayerPattern, num_layers: int) -> list[int]:

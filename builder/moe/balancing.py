@@ -1,25 +1,39 @@
 """Balancing terms: pure functions of one layer's routing statistics (never concatenated over
 layers: transformers #31464). Every statistic is fp32 (probabilities) or int64 (counts), and
 every term takes `mask_T`, the tokens that count (padding and tokens outside the term's scope
-excluded: transformers #28505). Counts are the router's choices before capacity dropping.
-With no token counted a term is 0, not NaN.
+excluded: transformers #28505). Counts are the router's choices before capacity dropping; empty
+slots (id -1, routers with a varying number of experts per token) count nowhere, and f_e is the
+share of the counted assignments, so fixed-K routers get the usual n*K denominator.
+With no token counted a term is 0, not NaN. The balanced value of each form is stated.
 
-Legend: T tokens, E experts, K slots per token; n = number of counted tokens.
+Aux-loss-free balancing (`aux_free_bias`) is not a loss: it moves routers' correction biases
+after each optimiser step. Call `model.update_balancing()` then, or add `BalancingCallback` to a
+transformers `Trainer`.
+
+Legend: T tokens, E experts, K slots per token, B sequences; n = number of counted tokens.
 """
 
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from transformers import TrainerCallback
 
 
 def _expert_counts(ids_TK: Tensor, mask_T: Tensor, num_experts: int) -> Tensor:
-    return torch.bincount(ids_TK[mask_T].reshape(-1), minlength=num_experts)
+    ids_N = ids_TK[mask_T].reshape(-1)
+    return torch.bincount(ids_N[ids_N >= 0], minlength=num_experts)
 
 
 def _mean_probs(probs_TE: Tensor, mask_T: Tensor) -> Tensor:
     n = mask_T.sum().clamp_min(1)
     return (probs_TE.float() * mask_T[:, None]).sum(dim=0) / n
+
+
+def _normalized(probs_TE: Tensor) -> Tensor:
+    """Scores as a distribution per token (sigmoid scores do not sum to 1; softmax is unchanged)."""
+    probs_TE = probs_TE.float()
+    return probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
 def switch_aux(probs_TE: Tensor, topk_ids_TK: Tensor, mask_T: Tensor) -> Tensor:
@@ -34,14 +48,41 @@ def switch_aux(probs_TE: Tensor, topk_ids_TK: Tensor, mask_T: Tensor) -> Tensor:
 
 def load_balance(probs_TE: Tensor, topk_ids_TK: Tensor, mask_T: Tensor) -> Tensor:
     """GShard / Mixtral load-balancing loss over all K choices: E * sum_e f_e * P_e, with f_e the
-    fraction of the n*K assignments that go to e and P_e the mean score of e. Balanced: 1.0.
+    fraction of the counted assignments (n*K for fixed K) that go to e and P_e the mean score of e.
+    Balanced: 1.0.
 
     transformers' `load_balancing_loss_func` divides the counts by n instead of n*K, so for one
     layer it returns exactly K times this value (a balanced router scores K there)."""
-    E, K = probs_TE.shape[-1], topk_ids_TK.shape[-1]
-    n = mask_T.sum().clamp_min(1)
-    f_E = _expert_counts(topk_ids_TK, mask_T, E).float() / (n * K)
+    E = probs_TE.shape[-1]
+    counts_E = _expert_counts(topk_ids_TK, mask_T, E).float()
+    f_E = counts_E / counts_E.sum().clamp_min(1)
     return E * (f_E * _mean_probs(probs_TE, mask_T)).sum()
+
+
+def seq_aux(probs_TE: Tensor, topk_ids_TK: Tensor, mask_T: Tensor, seq_T: Tensor, num_seqs: int) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (DeepSeek-AI 2024, eqs. 17-20; DeepSeek-V2's
+    expert-level loss per sequence): per sequence, sum_e f_e * P_e with f_e = E * (share of the
+    sequence's counted assignments going to e) and P_e the mean normalised score of e over its
+    counted tokens; averaged over the sequences with a counted token. Balanced: 1.0."""
+    E = probs_TE.shape[-1]
+    ids_TK = topk_ids_TK.masked_fill(~mask_T[:, None], -1)
+    valid_TK = ids_TK >= 0
+    flat_N = (seq_T[:, None] * E + ids_TK.clamp_min(0))[valid_TK]
+    counts_BE = torch.bincount(flat_N, minlength=num_seqs * E).view(num_seqs, E).float()
+    f_BE = E * counts_BE / counts_BE.sum(dim=-1, keepdim=True).clamp_min(1)
+    p_TE = _normalized(probs_TE) * mask_T[:, None]
+    tokens_B = torch.zeros(num_seqs, device=probs_TE.device).index_add(0, seq_T, mask_T.float())
+    p_BE = torch.zeros(num_seqs, E, device=probs_TE.device).index_add(0, seq_T, p_TE) / tokens_B.clamp_min(1)[:, None]
+    counted_B = tokens_B > 0
+    return (f_BE * p_BE).sum(dim=-1)[counted_B].sum() / counted_B.sum().clamp_min(1)
+
+
+def entropy(probs_TE: Tensor, mask_T: Tensor) -> Tensor:
+    """Mean over counted tokens of the entropy of the (normalised) router scores,
+    -sum_e p_e ln p_e; adding it with coef > 0 sharpens routing. Uniform scores: ln E."""
+    p_TE = _normalized(probs_TE)
+    h_T = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1)
+    return (h_T * mask_T).sum() / mask_T.sum().clamp_min(1)
 
 
 def z_loss(logits_TE: Tensor, mask_T: Tensor) -> Tensor:
@@ -51,22 +92,34 @@ def z_loss(logits_TE: Tensor, mask_T: Tensor) -> Tensor:
     return (z_T.square() * mask_T).sum() / mask_T.sum().clamp_min(1)
 
 
-TermFn = Callable[[object, Tensor], Tensor]
+TermFn = Callable[[object, Tensor, object], Tensor]
 
 
-def routing_term(fn: Callable[..., Tensor], *fields: str) -> TermFn:
-    """Adapt a pure statistic to the layer's call `term(routing, mask_T)`."""
+def routing_term(fn: Callable[..., Tensor], *fields: str, per_sequence: bool = False) -> TermFn:
+    """Adapt a pure statistic to the layer's call `term(routing, mask_T, tokens)`."""
 
-    def term(routing, mask_T: Tensor) -> Tensor:
-        return fn(*(getattr(routing, name) for name in fields), mask_T)
+    def term(routing, mask_T: Tensor, tokens) -> Tensor:
+        args = [getattr(routing, name) for name in fields] + [mask_T]
+        return fn(*args, tokens.seq_T, tokens.num_seqs) if per_sequence else fn(*args)
 
     term.__name__ = fn.__name__
     return term
 
 
-# balancing term type -> fn(routing, mask_T); adding a term is one function and one entry here.
+# balancing term type -> fn(routing, mask_T, tokens); adding a term is one function and one entry here.
 TERMS: dict[str, TermFn] = {
     "switch_aux": routing_term(switch_aux, "probs_TE", "topk_ids_TK"),
     "load_balance": routing_term(load_balance, "probs_TE", "topk_ids_TK"),
+    "seq_aux": routing_term(seq_aux, "probs_TE", "topk_ids_TK", per_sequence=True),
+    "entropy": routing_term(entropy, "probs_TE"),
     "z_loss": routing_term(z_loss, "logits_TE"),
 }
+
+
+class BalancingCallback(TrainerCallback):
+    """Calls `model.update_balancing()` after every optimiser step of a transformers `Trainer`
+    (aux-free bias updates, top-k curriculum steps)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            model.update_balancing()

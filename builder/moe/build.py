@@ -11,11 +11,28 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moebuild.schemas import DenseRouter, MoESpec, PoolSpec, TopKRouter
+from moebuild.schemas.moe import (
+    AuxFreeBias,
+    DeepSpeedTop2Router,
+    DenseRouter,
+    DynamicTopKRouter,
+    ExpertChoiceRouter,
+    MoESpec,
+    PoolSpec,
+    SoftRouter,
+    ThresholdRouter,
+    TopKRouter,
+)
 
 from . import routers
 from .experts import ExpertPool
-from .layer import BalancingTerm, MoELayer, Route
+from .deepspeed import DeepSpeedTop2Router as DeepSpeedTop2Module
+from .dynamic_routers import DynamicTopKRouter as DynamicTopKModule
+from .dynamic_routers import ThresholdRouter as ThresholdModule
+from .expert_choice import ExpertChoiceRouter as ExpertChoiceModule
+from .layer import BalancingTerm, BiasBalancing, MoELayer, Route
+from .routing import Capacity
+from .soft import SoftRouter as SoftModule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,27 +51,63 @@ def build_pool(node: PoolSpec, *, hidden_size: int, backend: str = "auto") -> Ex
     return pool
 
 
+def build_capacity(node) -> Capacity | None:
+    return None if node is None else Capacity(node.train, node.eval, node.min, node.drop)
+
+
 def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
-    capacity = node.capacity
     noise = None if node.noise is None or node.noise.type == "none" else node.noise
+    groups, curriculum = node.groups, node.curriculum
     return routers.TopKRouter(
         hidden_size,
         num_experts,
         node.top_k,
         score=node.score,
+        order=node.order,
         normalize=node.normalize,
         scale=node.scale,
         noise=None if noise is None else noise.type,
         noise_std=None if noise is None else noise.std,
-        capacity_train=capacity.train if capacity else None,
-        capacity_eval=capacity.eval if capacity else None,
-        min_capacity=capacity.min if capacity else 0,
+        capacity=build_capacity(node.capacity),
+        num_groups=groups.num_groups if groups else 1,
+        top_groups=groups.top_groups if groups else 1,
+        correction_bias=node.bias,
+        expert_dropout=node.expert_dropout,
+        curriculum=(curriculum.start_k, curriculum.steps_per_k) if curriculum else None,
         router_dtype=DTYPES[node.dtype],
     )
 
 
+def build_deepspeed_top2_router(node: DeepSpeedTop2Router, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return DeepSpeedTop2Module(hidden_size, num_experts, build_capacity(node.capacity), router_dtype=DTYPES[node.dtype])
+
+
+def build_expert_choice_router(node: ExpertChoiceRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return ExpertChoiceModule(hidden_size, num_experts, node.capacity_factor, router_dtype=DTYPES[node.dtype])
+
+
+def build_soft_router(node: SoftRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return SoftModule(hidden_size, num_experts, node.slots_per_expert, router_dtype=DTYPES[node.dtype])
+
+
+def build_threshold_router(node: ThresholdRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return ThresholdModule(hidden_size, num_experts, node.threshold, node.max_experts,
+                           normalize=node.normalize, scale=node.scale, router_dtype=DTYPES[node.dtype])
+
+
+def build_dynamic_topk_router(node: DynamicTopKRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
+    return DynamicTopKModule(hidden_size, num_experts, node.top_k, node.tail_top_k,
+                             normalize=node.normalize, scale=node.scale, router_dtype=DTYPES[node.dtype])
+
+
 def build_dense_router(node: DenseRouter, *, hidden_size: int, num_experts: int) -> nn.Module:
-    return routers.DenseRouter(num_experts)
+    return routers.DenseRouter(num_experts, hidden_size, gate=node.gate)
+
+
+def build_balancing(term):
+    if isinstance(term, AuxFreeBias):
+        return BiasBalancing(term.rate, tokens=term.tokens)
+    return BalancingTerm(term.type, term.coef, tokens=term.tokens)
 
 
 def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
@@ -67,7 +120,7 @@ def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
         )
         for route in node.routes
     ]
-    terms = [BalancingTerm(term.type, term.coef, tokens=term.tokens) for term in node.balancing]
+    terms = [build_balancing(term) for term in node.balancing]
     return MoELayer(routes, terms, pools)
 
 
@@ -78,6 +131,11 @@ def build_router(node, *, hidden_size: int, num_experts: int) -> nn.Module:
 ROUTER_BUILDERS: dict[type, Callable[..., nn.Module]] = {
     TopKRouter: build_topk_router,
     DenseRouter: build_dense_router,
+    DeepSpeedTop2Router: build_deepspeed_top2_router,
+    ExpertChoiceRouter: build_expert_choice_router,
+    SoftRouter: build_soft_router,
+    ThresholdRouter: build_threshold_router,
+    DynamicTopKRouter: build_dynamic_topk_router,
 }
 
 MOE_BUILDERS: dict[type, Callable[..., nn.Module]] = {

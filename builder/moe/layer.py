@@ -4,9 +4,15 @@ regime, composed as torchtune's `MoE(experts=, router=, shared_expert=)` receive
 Every route selects tokens by modality, routes them and adds its pool's weighted output; a token
 matched by several routes gets the sum, which is how DeepSeek-MoE's shared experts (a dense
 route) compose with routed ones. All tokens, padding included, go through the experts; the
-attention mask only removes padding from balancing terms and router statistics. The layer
-returns only the MoE output: the caller adds it to the residual stream, which is also the path
-a token dropped by capacity keeps.
+attention mask only removes padding from balancing terms, router statistics and the choices of
+routers that compare tokens (expert_choice, soft, dynamic_topk), which get a `RouteTokens`. The
+layer returns only the MoE output: the caller adds it to the residual stream, which is also the
+path a token dropped by capacity keeps.
+
+Aux-loss-free balancing: in training forwards outside autograd's backward (so activation
+checkpointing, reentrant or not, counts each token once: torchtitan #1593), the layer adds each
+biased router's selections over the term's tokens to the router's pending load;
+`update_balancing()` (after the optimiser step) moves the biases and advances top-k curricula.
 
 Legend: B batch, S sequence, T = B*S tokens (R: tokens of one route), D hidden, E experts,
 K slots per token.
@@ -20,9 +26,8 @@ from torch import Tensor, nn
 
 from moebuild.moe.balancing import TERMS, TermFn
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.routers import Routing
-
-TEXT, IMAGE = 0, 1
+from moebuild.moe.routing import IMAGE, TEXT, RouteTokens
+from moebuild.moe.stats import route_stats
 
 SELECTORS: dict[str, Callable[[Tensor], Tensor]] = {
     "all": lambda modality_T: torch.ones_like(modality_T, dtype=torch.bool),
@@ -53,7 +58,7 @@ class Route(nn.Module):
 
 @dataclass
 class BalancingTerm:
-    """One balancing term: `coef * fn(routing, mask_T)` over the tokens its selector names, for
+    """One balancing term: `coef * fn(routing, mask_T, tokens)` over the tokens its selector names, for
     every route whose router is `balanced`. `fn` defaults to the term named in balancing.TERMS."""
 
     name: str
@@ -70,32 +75,31 @@ class BalancingTerm:
 
 
 @dataclass
+class BiasBalancing:
+    """Aux-loss-free balancing (Wang et al. 2024): after each optimiser step, every router with a
+    correction bias moves it by `rate * sign(mean load - load_e)`, loads counted over `tokens`."""
+
+    rate: float
+    tokens: str = "all"
+
+    def __post_init__(self):
+        _check_selector(self.tokens)
+
+
+@dataclass
 class MoELayerOutput:
     hidden_states: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # coef applied, summed over routes
-    router_stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # per route name
+    router_stats: dict[str, dict[str, dict[str, Tensor]]] = field(default_factory=dict)  # route -> group -> stat
 
 
-@torch.no_grad()
-def router_stats(routing: Routing, num_experts: int, mask_R: Tensor) -> dict[str, Tensor]:
-    """Load after capacity, dropped fraction, experts per token and score entropy, non-padding only."""
-    ids_RK, topk_RK = routing.ids_TK[mask_R], routing.topk_ids_TK[mask_R]
-    kept_RK = ids_RK >= 0
-    stats = {
-        "load": torch.bincount(ids_RK[kept_RK], minlength=num_experts),
-        "dropped_fraction": (~kept_RK).sum() / max(topk_RK.numel(), 1),
-        "experts_per_token": kept_RK.sum(dim=-1).float().mean(),
-    }
-    if routing.probs_TE is not None:
-        # Sigmoid scores do not sum to 1: take the entropy of the normalised scores.
-        p_RE = routing.probs_TE[mask_R]
-        p_RE = p_RE / p_RE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        stats["entropy"] = -(p_RE * p_RE.clamp_min(1e-20).log()).sum(dim=-1).mean()
-    return stats
+def _counting_load() -> bool:
+    """Outside autograd's backward: a checkpoint's recompute runs inside it and must not recount."""
+    return torch._C._current_graph_task_id() == -1
 
 
 class MoELayer(nn.Module):
-    def __init__(self, routes: list[Route], balancing: list[BalancingTerm], pools: dict[str, ExpertPool]):
+    def __init__(self, routes: list[Route], balancing: list[BalancingTerm | BiasBalancing], pools: dict[str, ExpertPool]):
         super().__init__()
         names = [route.name for route in routes]
         if len(set(names)) != len(names):
@@ -105,7 +109,10 @@ class MoELayer(nn.Module):
                 raise ValueError(f"route {route.name!r} names pool {route.pool!r}, not in {sorted(pools)}")
         self.routes = nn.ModuleList(routes)
         self.pools = nn.ModuleDict(pools)
-        self.balancing = list(balancing)
+        self.balancing = [term for term in balancing if isinstance(term, BalancingTerm)]
+        self.bias_balancing = [term for term in balancing if isinstance(term, BiasBalancing)]
+        if len(self.bias_balancing) > 1:
+            raise ValueError("at most one aux_free_bias term per layer")
 
     def forward(
         self, x_BSD: Tensor, modality_BS: Tensor | None = None, attention_mask_BS: Tensor | None = None
@@ -121,19 +128,43 @@ class MoELayer(nn.Module):
             if attention_mask_BS is not None
             else torch.ones(B * S, dtype=torch.bool, device=device)
         )
+        seq_T = torch.arange(B, device=device).repeat_interleave(S)
         y_TD = torch.zeros_like(x_TD)
         aux = {term.name: torch.zeros((), device=device) for term in self.balancing}
         stats = {}
+        context = None  # built once per call, and only if a router needs it
         for route in self.routes:
             idx_R = SELECTORS[route.tokens](modality_T).nonzero().squeeze(1)
-            x_RD = x_TD[idx_R]
-            routing = route.router(x_RD)
+            x_RD, modality_R = x_TD[idx_R], modality_T[idx_R]
+            tokens = RouteTokens(valid_T[idx_R], seq_T[idx_R], B)
+            if getattr(route.router, "needs_context", False):  # sees other tokens: moe/context.py
+                if context is None:
+                    text_BS, image_BS = ((valid_T & (modality_T == m)).view(B, S) for m in (TEXT, IMAGE))
+                    context = RoutingContext(x_BSD, modality_T.view(B, S), text_BS, image_BS)
+                routing = route.router(x_RD, context, idx_R)
+            else:
+                routing = route.router(x_RD, tokens)
             pool = self.pools[route.pool]
-            y_TD = y_TD.index_add(0, idx_R, pool(x_RD, routing.weights_TK, routing.ids_TK))
-            valid_R, modality_R = valid_T[idx_R], modality_T[idx_R]
+            y_TD = y_TD.index_add(0, idx_R, routing.apply(pool, x_RD).to(y_TD.dtype))
             if route.router.balanced:
                 for term in self.balancing:
-                    mask_R = valid_R & SELECTORS[term.tokens](modality_R)
-                    aux[term.name] = aux[term.name] + term.coef * term.fn(routing, mask_R)
-            stats[route.name] = router_stats(routing, pool.num_experts, valid_R)
+                    mask_R = tokens.valid_T & SELECTORS[term.tokens](modality_R)
+                    aux[term.name] = aux[term.name] + term.coef * term.fn(routing, mask_R, tokens)
+            self._count_load(route.router, routing, tokens.valid_T, modality_R)
+            stats[route.name] = route_stats(routing, pool.num_experts, tokens.valid_T, modality_R, route.tokens)
         return MoELayerOutput(y_TD.view(B, S, D), aux, stats)
+
+    def _count_load(self, router: nn.Module, routing, valid_R: Tensor, modality_R: Tensor) -> None:
+        if not (self.training and self.bias_balancing and getattr(router, "has_correction_bias", False)):
+            return
+        if _counting_load():
+            mask_R = valid_R & SELECTORS[self.bias_balancing[0].tokens](modality_R)
+            router.count_load(routing.topk_ids_TK[mask_R])
+
+    @torch.no_grad()
+    def update_balancing(self) -> None:
+        """Call after each optimiser step: aux-free bias updates from the counted loads, curriculum steps."""
+        rate = self.bias_balancing[0].rate if self.bias_balancing else 0.0
+        for route in self.routes:
+            if hasattr(route.router, "update_balancing"):
+                route.router.update_balancing(rate)

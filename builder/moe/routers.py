@@ -1,71 +1,50 @@
-"""Routers: decide, for each token, which experts it goes to and with what gate weight.
+"""Token-choice top-k routing and the dense router of shared experts.
 
-`TopKRouter` is token-choice top-k as in Switch Transformer (Fedus et al. 2021) and GShard
-(Lepikhin et al. 2020), in transformers' Mixtral layout (a bias-free linear `weight` [E, D]).
-Order: score (softmax or sigmoid) over all E experts, then take the top k -- Mixtral's order;
-top-k-then-softmax (transformers #27942) is a different router, not an option of this one.
-Capacity follows GShard / DeepSpeed `top2gating`: each expert takes at most
-C = max(ceil(T * K * cf / E), min_capacity) slots, filled by choice rank first (every token's
-first choice before any second choice), then by token position; overflow slots are dropped
-(id -1, weight 0, no renormalisation) and the token keeps only its residual path.
-`DenseRouter` sends every token to every expert with weight 1: the shared experts of
-DeepSeek-MoE / DeepSeek-VL2.
+`TopKRouter` is token-choice top-k as in Switch Transformer (Fedus et al. 2021), GShard (Lepikhin
+et al. 2020) and Mixtral, in transformers' Mixtral layout (a bias-free `weight` [E, D]), with the
+DeepSeek-V3 options (transformers `DeepseekV3TopkRouter` / `DeepseekV3MoE.route_tokens_to_experts`):
+- order: "softmax_topk" takes the k best of the scores over all E experts (Mixtral, DeepSeek);
+  "topk_softmax" takes the k best logits and softmaxes over those k only. They differ unless the
+  k weights are renormalised (transformers #27942), so the spec says which.
+- a correction bias (`e_score_correction_bias`, a buffer) added to the scores for selection only;
+  weights always come from the unbiased scores (transformers #41647). Aux-loss-free balancing
+  (Wang et al. 2024) updates it after each optimiser step through `update_balancing`.
+- group-limited selection: experts split into num_groups groups, a group scores the sum of its
+  two best (biased) expert scores, only the top_groups groups stay selectable.
+- noise on the selection in training (Gaussian or Gumbel on the logits, multiplicative jitter on
+  the input as in Switch), expert dropout (each token-expert pair unselectable with probability p
+  in training), and a top-k curriculum: k = min(top_k, start_k + step // steps_per_k), the step
+  counted by `update_balancing`, never in forward.
+- the routed scaling factor multiplies the weights whether or not they are renormalised
+  (sglang-jax #1282).
+`DenseRouter` sends every token to every expert: DeepSeek-MoE's shared experts; `gate="sigmoid"`
+weights them by sigmoid(x . w) as Qwen2-MoE's `shared_expert_gate`.
 
-Every router returns a `Routing`; a router whose class sets `balanced = True` produces scores
-that balancing terms (moe/balancing.py) are computed from.
-
-Legend: T tokens, D hidden, E experts, K slots per token.
+Legend: T tokens, D hidden, E experts, G groups, K slots per token.
 """
-
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from moebuild.moe.routing import SCORES, Capacity, LinearRouter, RouteTokens, Routing, check_choice, gumbel_like, router_logits
 
-@dataclass
-class Routing:
-    weights_TK: Tensor  # fp32 gate weights; 0 for dropped slots
-    ids_TK: Tensor  # int64 expert ids; -1 for slots dropped by capacity
-    topk_ids_TK: Tensor  # int64 selection before capacity dropping (what balancing counts)
-    logits_TE: Tensor | None = None  # raw router logits, fp32
-    probs_TE: Tensor | None = None  # scores after softmax / sigmoid, fp32
-    capacity: int | None = None  # slots per expert; None = dropless
-
-
-SCORES = {
-    "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
-    "sigmoid": torch.sigmoid,
-}
-
+__all__ = ["DenseRouter", "RouteTokens", "Routing", "TopKRouter"]
 
 DEFAULT_NOISE_STD = {"gaussian": 1.0, "jitter": 0.01}
+ORDERS = ("softmax_topk", "topk_softmax")
 
 
-def gumbel_like(x: Tensor) -> Tensor:
-    return -torch.empty_like(x).exponential_().log()
+def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int) -> Tensor:
+    """Scores outside each token's top_groups groups set to -inf (DeepSeek-V3 group score: top-2 sum)."""
+    T, E = selection_TE.shape
+    grouped_TGE = selection_TE.view(T, num_groups, E // num_groups)
+    group_scores_TG = grouped_TGE.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_scores_TG.topk(top_groups, dim=-1).indices, True)
+    return grouped_TGE.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
-
-
-def capacity_keep(topk_ids_TK: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """Which slots fit under `capacity`: priority by choice rank k, then by token position."""
-    T, K = topk_ids_TK.shape
-    ids_A = topk_ids_TK.t().reshape(-1)  # rank-major: all first choices, then all second, ...
-    order_A = torch.argsort(ids_A, stable=True)
-    counts_E = torch.bincount(ids_A, minlength=num_experts)
-    starts_E = counts_E.cumsum(0) - counts_E
-    rank_A = torch.empty_like(ids_A)
-    rank_A[order_A] = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[ids_A[order_A]]
-    return (rank_A < capacity).view(K, T).t()
-
-
-class TopKRouter(nn.Module):
+class TopKRouter(LinearRouter):
     balanced = True
 
     def __init__(
@@ -74,97 +53,161 @@ class TopKRouter(nn.Module):
         num_experts: int,
         top_k: int,
         score: str = "softmax",
+        order: str = "softmax_topk",
         normalize: bool = False,
         scale: float = 1.0,
         noise: str | None = None,
         noise_std: float | None = None,
-        capacity_train: float | None = None,
-        capacity_eval: float | None = None,
-        min_capacity: int = 0,
+        capacity: Capacity | None = None,
+        num_groups: int = 1,
+        top_groups: int = 1,
+        correction_bias: bool = False,
+        expert_dropout: float = 0.0,
+        curriculum: tuple[int, int] | None = None,
         router_dtype: torch.dtype = torch.float32,
         init_std: float = 0.02,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         """noise (training only): "gaussian" adds N(0, noise_std^2) (default std 1.0) and "gumbel"
-        adds Gumbel(0, 1) noise to the logits used for selection (gate weights come from the
-        clean scores); "jitter" multiplies the input by U(1 - noise_std, 1 + noise_std), default
-        0.01 as in Switch Transformer."""
-        super().__init__()
-        _check_choice("score", score, SCORES)
-        _check_choice("noise", noise, (None, "gaussian", "gumbel", "jitter"))
+        Gumbel(0, 1) to the logits used for selection; "jitter" multiplies the input by
+        U(1 - noise_std, 1 + noise_std), default 0.01. curriculum: (start_k, steps_per_k)."""
+        super().__init__(hidden_size, num_experts, router_dtype, init_std, device, dtype)
+        check_choice("score", score, SCORES)
+        check_choice("order", order, ORDERS)
+        check_choice("noise", noise, (None, "gaussian", "gumbel", "jitter"))
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        if order == "topk_softmax" and score != "softmax":
+            raise ValueError("order 'topk_softmax' needs score 'softmax'")
+        if num_experts % num_groups or not 1 <= top_groups <= num_groups or top_k > top_groups * (num_experts // num_groups):
+            raise ValueError(f"groups: {num_experts} experts in {num_groups} groups, keep {top_groups}, for top_k {top_k}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.score, self.normalize, self.scale = score, normalize, scale
+        self.score, self.order, self.normalize, self.scale = score, order, normalize, scale
         self.noise = noise
         self.noise_std = noise_std if noise_std is not None else DEFAULT_NOISE_STD.get(noise)
-        self.capacity_train, self.capacity_eval = capacity_train, capacity_eval
-        self.min_capacity = min_capacity
-        self.router_dtype = router_dtype
-        self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.capacity = capacity
+        self.num_groups, self.top_groups = num_groups, top_groups
+        self.expert_dropout = expert_dropout
+        self.curriculum = curriculum
+        if correction_bias:  # a buffer: not trained by the optimiser, not counted as a parameter
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
+        if curriculum is not None:
+            self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.pending_load_E: Tensor | None = None  # counted in training forwards, consumed by update_balancing
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+    @property
+    def has_correction_bias(self) -> bool:
+        return hasattr(self, "e_score_correction_bias")
 
-    def capacity(self, num_tokens: int) -> int | None:
-        factor = self.capacity_train if self.training else self.capacity_eval
-        if factor is None:
-            return None
-        slots = math.ceil(num_tokens * self.top_k * factor / self.num_experts)
-        return max(slots, self.min_capacity)
+    def current_k(self) -> int:
+        if self.curriculum is None:
+            return self.top_k
+        start_k, steps_per_k = self.curriculum
+        return min(self.top_k, start_k + int(self.step) // steps_per_k)
 
-    def selection_logits(self, logits_TE: Tensor) -> Tensor:
-        if not self.training or self.noise in (None, "jitter"):
-            return logits_TE
-        if self.noise == "gaussian":
-            return logits_TE + torch.randn_like(logits_TE) * self.noise_std
-        return logits_TE + gumbel_like(logits_TE)
+    def selection_scores(self, logits_TE: Tensor) -> Tensor:
+        """What top-k is taken over: scores of the (noisy) logits, + bias, group-limited, dropped out."""
+        if self.training and self.noise == "gaussian":
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
+        elif self.training and self.noise == "gumbel":
+            logits_TE = logits_TE + gumbel_like(logits_TE)
+        selection_TE = SCORES[self.score](logits_TE)
+        if self.has_correction_bias:
+            selection_TE = selection_TE + self.e_score_correction_bias
+        if self.num_groups > 1:
+            selection_TE = group_limited(selection_TE, self.num_groups, self.top_groups)
+        if self.training and self.expert_dropout > 0:
+            drop_TE = torch.rand_like(selection_TE) < self.expert_dropout
+            selection_TE = selection_TE.masked_fill(drop_TE, float("-inf"))
+        return selection_TE
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def gate_weights(self, logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        empty_TK = ids_TK < 0
+        safe_TK = ids_TK.clamp_min(0)
+        if self.order == "topk_softmax":
+            weights_TK = logits_TE.gather(1, safe_TK).masked_fill(empty_TK, float("-inf")).softmax(dim=-1)
+        else:
+            weights_TK = probs_TE.gather(1, safe_TK)
+        weights_TK = weights_TK.masked_fill(empty_TK, 0.0)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return weights_TK * self.scale
+
+    def forward(self, x_TD: Tensor, tokens: RouteTokens | None = None) -> Routing:
         if self.training and self.noise == "jitter":
             eps = self.noise_std
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        rd = self.router_dtype
-        logits_TE = F.linear(x_TD.to(rd), self.weight.to(rd)).float()
-        score = SCORES[self.score]
-        probs_TE = score(logits_TE)
-        selection_TE = score(self.selection_logits(logits_TE))
-        topk_ids_TK = selection_TE.topk(self.top_k, dim=-1).indices
-        weights_TK = probs_TE.gather(1, topk_ids_TK)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        weights_TK = weights_TK * self.scale
-        ids_TK = topk_ids_TK
-        capacity = self.capacity(x_TD.shape[0])
-        if capacity is not None:
-            keep_TK = capacity_keep(topk_ids_TK, self.num_experts, capacity)
-            ids_TK = topk_ids_TK.masked_fill(~keep_TK, -1)
-            weights_TK = weights_TK.masked_fill(~keep_TK, 0.0)
+        logits_TE = self.logits(x_TD)
+        probs_TE = SCORES[self.score](logits_TE)
+        k = self.current_k()
+        values_TK, topk_ids_TK = self.selection_scores(logits_TE).topk(k, dim=-1)
+        topk_ids_TK = topk_ids_TK.masked_fill(values_TK == float("-inf"), -1)  # dropout/groups left < k
+        weights_TK = self.gate_weights(logits_TE, probs_TE, topk_ids_TK)
+        ids_TK, capacity = topk_ids_TK, None
+        if self.capacity is not None:
+            capacity = self.capacity.slots(x_TD.shape[0], k, self.num_experts, self.training)
+            keep_TK = self.capacity.keep(topk_ids_TK, weights_TK, self.num_experts, capacity)
+            ids_TK, weights_TK = topk_ids_TK.masked_fill(~keep_TK, -1), weights_TK.masked_fill(~keep_TK, 0.0)
         return Routing(weights_TK, ids_TK, topk_ids_TK, logits_TE, probs_TE, capacity)
 
+    @torch.no_grad()
+    def count_load(self, ids_TK: Tensor) -> None:
+        """Add a training forward's selections to the load the next bias update reads."""
+        load_E = torch.bincount(ids_TK[ids_TK >= 0], minlength=self.num_experts)
+        self.pending_load_E = load_E if self.pending_load_E is None else self.pending_load_E + load_E
+
+    @torch.no_grad()
+    def update_balancing(self, bias_rate: float = 0.0) -> None:
+        """After an optimiser step: b_e += rate * sign(mean load - load_e); advance the curriculum."""
+        if self.has_correction_bias and bias_rate and self.pending_load_E is not None:
+            load_E = self.pending_load_E.float()
+            self.e_score_correction_bias += bias_rate * torch.sign(load_E.mean() - load_E)
+        self.pending_load_E = None
+        if self.curriculum is not None:
+            self.step += 1
+
     def extra_repr(self) -> str:
+        capacity = self.capacity
         return (
-            f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
-            f"normalize={self.normalize}, scale={self.scale}, noise={self.noise!r}, "
-            f"capacity=({self.capacity_train}, {self.capacity_eval}, min={self.min_capacity})"
+            f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, order={self.order!r}, "
+            f"normalize={self.normalize}, scale={self.scale}, noise={self.noise!r}, groups=({self.num_groups}, "
+            f"{self.top_groups}), correction_bias={self.has_correction_bias}, capacity={capacity}"
         )
 
 
 class DenseRouter(nn.Module):
     balanced = False
 
-    def __init__(self, num_experts: int):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int | None = None,
+        gate: str = "none",
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        self.num_experts = num_experts
+        check_choice("gate", gate, ("none", "sigmoid"))
+        self.num_experts, self.gate, self.init_std = num_experts, gate, init_std
+        if gate == "sigmoid":
+            if hidden_size is None:
+                raise ValueError("a sigmoid gate needs hidden_size")
+            self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device, dtype=dtype))
+            self.reset_parameters()
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, x_TD: Tensor, tokens: RouteTokens | None = None) -> Routing:
         T, E = x_TD.shape[0], self.num_experts
         ids_TK = torch.arange(E, device=x_TD.device).expand(T, E)
-        weights_TK = torch.ones(T, E, device=x_TD.device)
+        if self.gate == "sigmoid":
+            weights_TK = torch.sigmoid(router_logits(x_TD, self.weight, torch.float32)).expand(T, E)
+        else:
+            weights_TK = torch.ones(T, E, device=x_TD.device)
         return Routing(weights_TK, ids_TK, ids_TK)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}"
+        return f"num_experts={self.num_experts}, gate={self.gate!r}"

@@ -7,7 +7,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moebuild.moe.balancing import TERMS, load_balance, switch_aux, z_loss
-from moebuild.moe.routers import Routing
+from moebuild.moe.routing import RouteTokens, Routing
 
 # 4 tokens, 3 experts, top-2.
 PROBS_TE = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.7, 0.1, 0.2]])
@@ -58,7 +58,8 @@ def test_collapsed_router_scores_E(fn):
 @pytest.mark.parametrize("name", sorted(TERMS))
 def test_no_counted_token_gives_zero_not_nan(name):
     routing = Routing(PROBS_TE.gather(1, TOPK_TK), TOPK_TK, TOPK_TK, PROBS_TE.log(), PROBS_TE)
-    assert TERMS[name](routing, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+    tokens = RouteTokens(torch.ones(4, dtype=torch.bool), torch.tensor([0, 0, 1, 1]), 2)
+    assert TERMS[name](routing, torch.zeros(4, dtype=torch.bool), tokens).item() == 0.0
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -9,6 +9,7 @@ from moebuild.moe.balancing import switch_aux, z_loss
 from moebuild.moe.experts import ExpertPool
 from moebuild.moe.layer import IMAGE, TEXT, BalancingTerm, MoELayer, Route
 from moebuild.moe.routers import DenseRouter, TopKRouter
+from moebuild.moe.routing import Capacity
 
 D = 16
 
@@ -111,21 +112,26 @@ def test_balancing_terms_are_scoped_and_skip_dense_routes():
 
 def test_router_stats():
     layer = make_layer()
-    layer.routes[0].router.capacity_train = 0.5  # C = ceil(8 * 2 * 0.5 / 4) = 2 slots per expert
+    layer.routes[0].router.capacity = Capacity(train=0.5)  # C = ceil(8 * 2 * 0.5 / 4) = 2 slots per expert
     x_BSD, modality_BS, attention_mask_BS = inputs()
     stats = layer.train()(x_BSD, modality_BS, attention_mask_BS).router_stats
     assert stats.keys() == {"text->experts", "image->vision", "all->shared"}
-    text = stats["text->experts"]
+    assert stats["text->experts"].keys() == {"all", "text"} and stats["all->shared"].keys() == {"all", "text", "image"}
+    text = stats["text->experts"]["all"]
+    torch.testing.assert_close(stats["text->experts"]["text"], text)  # a text route: every token is text
     assert text["load"].dtype == torch.int64 and text["load"].max() <= 2
     kept = text["load"].sum().item()  # counted over the 6 non-padding text tokens
     assert text["dropped_fraction"].item() == pytest.approx(1 - kept / 12)
     assert text["experts_per_token"].item() == pytest.approx(kept / 6)
-    assert stats["all->shared"]["load"].tolist() == [10, 10]
-    assert "entropy" not in stats["all->shared"]
+    assert text["tokens"].item() == 6
+    shared = stats["all->shared"]
+    assert shared["all"]["load"].tolist() == [10, 10] and shared["image"]["load"].tolist() == [4, 4]
+    assert shared["text"]["tokens"].item() == 6 and shared["image"]["experts_per_token"].item() == 2.0
+    assert "entropy" not in shared["all"]
     probs_TE = layer.routes[1].router(x_BSD.reshape(-1, D)[modality_BS.reshape(-1) == IMAGE]).probs_TE
     p = probs_TE / probs_TE.sum(-1, keepdim=True)
     want = -(p * p.log()).sum(-1).mean()
-    torch.testing.assert_close(stats["image->vision"]["entropy"], want)
+    torch.testing.assert_close(stats["image->vision"]["image"]["entropy"], want)
     assert 0 < want < math.log(3)
 
 
@@ -143,7 +149,8 @@ def test_route_without_tokens():
     x_BSD = torch.randn(1, 4, D, requires_grad=True)
     out = layer(x_BSD)  # all text: the image route gets no tokens
     assert out.aux_losses["switch_aux"].item() == 0.0
-    assert out.router_stats["image->vision"]["load"].tolist() == [0, 0, 0]
+    image = out.router_stats["image->vision"]["image"]
+    assert image["load"].tolist() == [0, 0, 0] and image["experts_per_token"].item() == 0.0
     out.hidden_states.sum().backward()
     assert x_BSD.grad.abs().sum() > 0
 

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from moebuild.moe.routers import DenseRouter, TopKRouter
+from moebuild.moe.routing import Capacity
 
 LOGITS_TE = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 1.0], [-2.0, 0.0, 0.1, 0.2]])
 
@@ -55,7 +56,7 @@ CAPACITY_LOGITS_TE = torch.tensor([[2.0, 3.0, 0.0], [3.0, 0.0, 2.0], [3.0, 2.0, 
 
 def test_capacity_fills_first_choices_before_second_choices():
     # C = ceil(T * K * cf / E) = ceil(3 * 2 * 0.5 / 3) = 1 slot per expert.
-    router = identity_router(3, 2, capacity_train=0.5)
+    router = identity_router(3, 2, capacity=Capacity(train=0.5))
     routing = router.train()(CAPACITY_LOGITS_TE)
     assert routing.capacity == 1
     # Rank-major: firsts t0->1, t1->0 kept, t2->0 dropped; seconds t0->0 dropped (e0 full),
@@ -68,7 +69,7 @@ def test_capacity_fills_first_choices_before_second_choices():
 
 
 def test_min_capacity_and_eval_factor():
-    router = identity_router(3, 2, capacity_train=0.5, min_capacity=2, capacity_eval=None)
+    router = identity_router(3, 2, capacity=Capacity(train=0.5, min=2))
     routing = router.train()(CAPACITY_LOGITS_TE)
     assert routing.capacity == 2
     assert routing.ids_TK.tolist() == [[1, -1], [0, 2], [0, 1]]

@@ -1,0 +1,61 @@
+"""MoE-LLaVA's gate: DeepSpeed 0.9.5 `top2gating` (deepspeed/moe/sharded_moe.py), which MoE-LLaVA
+(Lin et al. 2024) pins.
+
+Softmax gates over E experts; the first expert is the argmax of the gates; the second is the
+argmax of the logits plus Gumbel noise with the first excluded -- on every call, evaluation
+included (only the capacity factor switches between training and evaluation). Capacity
+max(ceil(2 * T * cf / E), min_capacity) over every token the route sees; slots are filled by
+token position, all first choices before any second choice; overflow is dropped. The kept gates
+are renormalised, g1 / (g1 + g2) over the kept choices (a lone kept choice gets 1.0, both dropped
+-> 0 and the token keeps its residual). DeepSpeed's aux loss, E * sum_e(m_e * c_e) over the top-1
+choice before dropping, is the `switch_aux` balancing term (which, unlike DeepSpeed, skips padding).
+
+Legend: T tokens, D hidden, E experts, K = 2 slots per token.
+"""
+
+import torch
+from torch import Tensor
+
+from moebuild.moe.routing import Capacity, LinearRouter, RouteTokens, Routing, capacity_keep, gumbel_like
+
+
+class DeepSpeedTop2Router(LinearRouter):
+    balanced = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        capacity: Capacity | None = None,
+        router_dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(hidden_size, num_experts, router_dtype, init_std, device, dtype)
+        if num_experts < 2:
+            raise ValueError(f"deepspeed_top2 needs at least 2 experts, got {num_experts}")
+        if capacity is not None and capacity.policy != "by_position":
+            raise ValueError("deepspeed_top2 drops by position (DeepSpeed's slot order)")
+        self.num_experts, self.top_k, self.capacity = num_experts, 2, capacity
+        self.sample_gumbel = gumbel_like  # the noise source; tests put written-out noise here
+
+    def forward(self, x_TD: Tensor, tokens: RouteTokens | None = None) -> Routing:
+        logits_TE = self.logits(x_TD)
+        gates_TE = logits_TE.softmax(dim=-1)
+        first_T = gates_TE.argmax(dim=-1)
+        noisy_TE = (logits_TE + self.sample_gumbel(logits_TE)).scatter(1, first_T[:, None], float("-inf"))
+        topk_ids_TK = torch.stack([first_T, noisy_TE.argmax(dim=-1)], dim=1)
+        weights_TK = gates_TE.gather(1, topk_ids_TK)
+        ids_TK, capacity = topk_ids_TK, None
+        if self.capacity is not None:
+            capacity = self.capacity.slots(x_TD.shape[0], 2, self.num_experts, self.training)
+        if capacity is not None:
+            keep_TK = capacity_keep(topk_ids_TK, None, self.num_experts, capacity)
+            ids_TK, weights_TK = topk_ids_TK.masked_fill(~keep_TK, -1), weights_TK * keep_TK
+        eps = torch.finfo(weights_TK.dtype).eps  # DeepSpeed's clamp: both dropped -> 0 / eps = 0
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(eps)
+        return Routing(weights_TK, ids_TK, topk_ids_TK, logits_TE, gates_TE, capacity)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, capacity={self.capacity}"

@@ -1,0 +1,141 @@
+"""What every router shares: its result (`Routing`), what it may know of its tokens
+(`RouteTokens`), score functions, router logits in the router's precision, and capacity.
+
+Capacity follows GShard (Lepikhin et al. 2020) / DeepSpeed `top2gating`: each expert takes at most
+C = max(ceil(T * K * cf / E), min_capacity) slots. Drop policy "by_position" fills slots by choice
+rank first (every token's first choice before any second choice), then by token position, as
+DeepSpeed does; "by_score" keeps each expert's C highest-scoring slots (Megatron-LM's
+`moe_token_drop_policy=probs`). A dropped slot gets id -1 and weight 0; the token keeps its
+residual path (the layer's caller adds the residual).
+
+Legend: T tokens, D hidden, E experts, K slots per token, A = T*K assignments.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+TEXT, IMAGE = 0, 1  # modality codes of tokens
+DROP_POLICIES = ("by_position", "by_score")
+
+
+@dataclass
+class Routing:
+    """A router's decision. Slots with id -1 carry weight 0 and cost nothing."""
+
+    weights_TK: Tensor  # fp32 gate weights; 0 for empty or dropped slots
+    ids_TK: Tensor  # int64 expert ids after capacity; -1 = empty or dropped slot
+    topk_ids_TK: Tensor  # int64 selection before capacity (what balancing counts); -1 = empty slot
+    logits_TE: Tensor | None = None  # raw router logits, fp32
+    probs_TE: Tensor | None = None  # scores after softmax / sigmoid, fp32
+    capacity: int | None = None  # slots per expert; None = dropless
+    tail_T: Tensor | None = None  # bool: tokens routed as long-tail (LTDR dynamic_topk)
+
+    def apply(self, pool, x_TD: Tensor) -> Tensor:
+        """The pool's output for these tokens: sum over slots of weight * expert(x)."""
+        return pool(x_TD, self.weights_TK, self.ids_TK)
+
+
+@dataclass
+class RouteTokens:
+    """What a router may know about its tokens beyond their hidden states."""
+
+    valid_T: Tensor  # bool: not padding
+    seq_T: Tensor  # int64: batch row of each token
+    num_seqs: int
+
+    @classmethod
+    def single(cls, num_tokens: int, device) -> "RouteTokens":
+        """All tokens real, one sequence: what a router called on its own assumes."""
+        valid_T = torch.ones(num_tokens, dtype=torch.bool, device=device)
+        return cls(valid_T, torch.zeros(num_tokens, dtype=torch.long, device=device), 1)
+
+
+SCORES = {
+    "softmax": lambda logits_TE: logits_TE.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+}
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
+
+
+def gumbel_like(x: Tensor) -> Tensor:
+    return -torch.empty_like(x).exponential_().log()
+
+
+def router_logits(x_TD: Tensor, weight_ED: Tensor, router_dtype: torch.dtype) -> Tensor:
+    """Logits computed in `router_dtype` and returned in fp32 (sglang #38695, vllm #14027)."""
+    return F.linear(x_TD.to(router_dtype), weight_ED.to(router_dtype)).float()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Capacity factors for training and evaluation (None = dropless), the floor and drop policy."""
+
+    train: float | None = None
+    eval: float | None = None
+    min: int = 0
+    policy: str = "by_position"
+
+    def __post_init__(self):
+        check_choice("drop policy", self.policy, DROP_POLICIES)
+
+    def slots(self, num_tokens: int, top_k: int, num_experts: int, training: bool) -> int | None:
+        factor = self.train if training else self.eval
+        if factor is None:
+            return None
+        return max(math.ceil(num_tokens * top_k * factor / num_experts), self.min)
+
+    def keep(self, ids_TK: Tensor, scores_TK: Tensor, num_experts: int, capacity: int | None) -> Tensor:
+        """Which selected slots fit under `capacity` (all selected slots when dropless)."""
+        if capacity is None:
+            return ids_TK >= 0
+        return capacity_keep(ids_TK, scores_TK, num_experts, capacity, self.policy)
+
+
+def capacity_keep(ids_TK: Tensor, scores_TK: Tensor | None, num_experts: int, capacity: int, policy: str = "by_position") -> Tensor:
+    """Which selected slots fit under `capacity` (empty slots, id -1, are never kept)."""
+    T, K = ids_TK.shape
+    ids_A = ids_TK.t().reshape(-1)  # rank-major: all first choices, then all second, ...
+    ids_A = ids_A.masked_fill(ids_A < 0, num_experts)  # empty slots go to a bucket never kept
+    if policy == "by_score":
+        pre_A = torch.argsort(scores_TK.t().reshape(-1), descending=True, stable=True)
+    else:
+        pre_A = torch.arange(ids_A.numel(), device=ids_A.device)
+    order_A = pre_A[torch.argsort(ids_A[pre_A], stable=True)]
+    counts_E = torch.bincount(ids_A, minlength=num_experts + 1)
+    starts_E = counts_E.cumsum(0) - counts_E
+    rank_A = torch.empty_like(ids_A)
+    rank_A[order_A] = torch.arange(ids_A.numel(), device=ids_A.device) - starts_E[ids_A[order_A]]
+    return ((rank_A < capacity) & (ids_A < num_experts)).view(K, T).t()
+
+
+class LinearRouter(nn.Module):
+    """A router scored by a bias-free linear map `weight` [rows, D] (Mixtral's layout), rows = E
+    for token-choice routers; logits in `router_dtype`, returned in fp32."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        rows: int,
+        router_dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.router_dtype, self.init_std = router_dtype, init_std
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        return router_logits(x_TD, self.weight, self.router_dtype)
