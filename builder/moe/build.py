@@ -25,6 +25,7 @@ from moebuild.schemas.moe import (
 )
 
 from . import routers
+from .build_routing import ROUTING_BUILDERS
 from .experts import ExpertPool
 from .deepspeed import DeepSpeedTop2Router as DeepSpeedTop2Module
 from .dynamic_routers import DynamicTopKRouter as DynamicTopKModule
@@ -136,6 +137,7 @@ ROUTER_BUILDERS: dict[type, Callable[..., nn.Module]] = {
     SoftRouter: build_soft_router,
     ThresholdRouter: build_threshold_router,
     DynamicTopKRouter: build_dynamic_topk_router,
+    **ROUTING_BUILDERS,
 }
 
 MOE_BUILDERS: dict[type, Callable[..., nn.Module]] = {

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moebuild.moe.balancing import TERMS, TermFn
+from moebuild.moe.context import RoutingContext
 from moebuild.moe.experts import ExpertPool
 from moebuild.moe.routing import IMAGE, TEXT, RouteTokens
 from moebuild.moe.stats import route_stats
