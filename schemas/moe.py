@@ -300,8 +300,8 @@ BalancingSpec = Annotated[Union[SwitchAux, LoadBalance, SeqAux, Entropy, ZLoss, 
 class DispatchSpec(SpecModel):
     """How tokens reach their experts' weights."""
 
-    backend: Literal["auto", "torch", "eager"] = "auto"
-    """auto = the fastest backend for the device (the sort-based torch path on CPU); eager = the per-expert reference loop."""
+    backend: Literal["auto", "triton", "torch", "eager"] = "auto"
+    """auto = the fastest backend for the device (triton on CUDA, the sort-based torch path elsewhere); eager = the per-expert reference loop."""
 
 
 class MoESpec(SpecModel):
