@@ -10,7 +10,7 @@ from pydantic import Field, NonNegativeInt, model_validator
 from .base import CrossFieldError, Path, SpecModel
 from .connector import ConnectorSpec
 from .language import LanguageSpec
-from .moe import MoESpec, TopKRouter, moe_layer_indices
+from .moe import MoESpec, moe_layer_indices
 from .training import TRAINABLE_ROOTS, TrainingSpec
 from .vision import VisionSpec
 
@@ -99,9 +99,8 @@ def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
         if pool is None:
             hint = _did_you_mean(route.pool, moe.pools) or f" (pools: {', '.join(moe.pools)})"
             problems.append((("moe", "routes", i, "pool"), f"no pool named '{route.pool}'{hint}"))
-        elif isinstance(route.router, TopKRouter) and route.router.top_k > pool.num_experts:
-            problems.append((("moe", "routes", i, "router", "top_k"),
-                             f"must be <= {pool.num_experts} (pool '{route.pool}' has {pool.num_experts} experts)"))
+        else:
+            problems += _router_fits_pool(route.router, route.pool, pool.num_experts, ("moe", "routes", i, "router"))
     used = {route.pool for route in moe.routes}
     if used <= moe.pools.keys():  # a misspelt pool name is reported once, above, not twice
         problems += [(("moe", "pools", name), f"pool '{name}' is not used by any route")
@@ -112,6 +111,26 @@ def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
                              f"upcycle copies the dense FFN, so intermediate_size must equal language.intermediate_size "
                              f"({spec.language.intermediate_size}), got {pool.intermediate_size}"))
     return problems + _balancing_rules(moe)
+
+
+_EXPERT_COUNTS = ("top_k", "tail_top_k", "max_experts")
+"""Router keys that count experts of the route's pool, whichever router type has them."""
+
+
+def _router_fits_pool(router, pool_name: str, num_experts: int, at: Path) -> list[tuple[Path, str]]:
+    problems = [
+        (at + (key,), f"must be <= {num_experts} (pool '{pool_name}' has {num_experts} experts)")
+        for key in _EXPERT_COUNTS
+        if (getattr(router, key, None) or 0) > num_experts
+    ]
+    groups = getattr(router, "groups", None)
+    if isinstance(groups, dict) and sum(groups.values()) != num_experts:
+        problems.append((at + ("groups",), f"group sizes sum to {sum(groups.values())}, "
+                                           f"but pool '{pool_name}' has {num_experts} experts"))
+    elif groups is not None and not isinstance(groups, dict) and num_experts % groups.num_groups:
+        problems.append((at + ("groups", "num_groups"), f"must divide the pool's {num_experts} experts "
+                                                        f"(pool '{pool_name}'), got {groups.num_groups}"))
+    return problems
 
 
 def _layer_rules(moe: MoESpec, num_layers: int) -> list[tuple[Path, str]]:

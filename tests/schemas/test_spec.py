@@ -182,3 +182,16 @@ def test_every_field_is_described_in_the_json_schema():
     for name, node in schema["$defs"].items():
         walk(name, node)
     assert undocumented == []
+
+
+@pytest.mark.parametrize("router, path, says", [
+    ({"type": "threshold", "threshold": 0.5, "max_experts": 5}, ("max_experts",), "must be <= 4 (pool 'experts' has 4 experts)"),
+    ({"type": "dynamic_topk", "top_k": 2, "tail_top_k": 6}, ("tail_top_k",), "must be <= 4 (pool 'experts' has 4 experts)"),
+    ({"type": "hierarchical", "groups": {"a": 2, "b": 1}, "top_k": 1}, ("groups",),
+     "group sizes sum to 3, but pool 'experts' has 4 experts"),
+    ({"type": "topk", "top_k": 2, "groups": {"num_groups": 3, "top_groups": 1}}, ("groups", "num_groups"),
+     "must divide the pool's 4 experts (pool 'experts'), got 3"),
+])
+def test_every_router_type_must_fit_its_pool(router, path, says):
+    data = _edit(LLAVA, lambda d: d["moe"]["routes"][0].update(router=router))
+    assert _problems(data) == [(("moe", "routes", 0, "router") + path, says)]
