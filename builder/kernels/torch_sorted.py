@@ -1,52 +1,160 @@
-"""Sort-based expert dispatch in pure PyTorch: the fast CPU path.
+"""Sort-based expert dispatch in pure PyTorch: the fast CPU path, as custom ops with a hand-written backward.
 
-The shape of scattermoe's `flatten_sort_count` + `ParallelExperts` and torchtitan's
-`GroupedExperts`: sort the (token, slot) assignments by expert once, compute the per-expert
-offsets once and use them for both projections, gather the tokens into expert order, run each
-expert on its contiguous slice, then un-permute with a gather and a sum over the K slots.
-The combine is deterministic by construction (no `index_add_` / `scatter_add`, which are
-non-deterministic on GPU: torchtitan #1974).
+The shape of scattermoe's `ParallelExperts` and torchtitan's `GroupedExperts`: sort the (token,
+slot) assignments by expert once (`ops.sort_by_expert`), use the same order and counts for both
+projections and for the backward, run each expert on its contiguous slice, then sum each token's
+K weighted outputs. Registered through `ops.define_experts_op`, so `torch.compile` sees one
+opaque op and autograd one node for the whole pool.
 
-Per-expert `mm` over pre-split weights rather than `F.grouped_mm`, measured in one process on
-the project's 2-core CPU (torch 2.13, fp32, 2048 tokens, median of 5, fwd / fwd+bwd):
-hidden 1024, 8 experts top-2, SwiGLU 2816: loop 0.60 s / 1.87 s, grouped_mm 0.64 s / 2.07 s;
-hidden 1024, 64 experts top-6, SwiGLU 512: loop 0.38 s / 1.39 s, grouped_mm 0.38 s / 1.25 s.
-A tie at best for grouped_mm, which on CPU also needs 16-byte-aligned strides (fails for
-small odd sizes), rejects stride-0 incoming gradients (cpu-dispatch-notes.md finding 3) and
-would need the biases gathered per row.
+What was measured, in one process on the project's 2-core CPU (torch 2.13, fp32, 2 threads),
+against the autograd-traced version of the same loop (the previous `sorted_dispatch`):
+- Per-expert `mm` on pre-split 2-D weight views, not `F.grouped_mm`: grouped_mm is a tie at best
+  on CPU (cpu-dispatch-notes.md finding 2), needs 16-byte-aligned strides and rejects stride-0
+  gradients (finding 3).
+- Writing each expert's matmul with `out=` into one [A, .] buffer and the weight gradients
+  straight into one [E, ...] tensor removes the `cat` of the chunks and autograd's per-expert
+  `unbind` backward, which stacks E gradients into a fresh zero tensor.
+- The backward keeps the pre-activation `h_AR` and recomputes the activation per expert
+  (one elementwise pass, cache-hot) instead of saving it; the gathered input is gathered again
+  rather than kept, so saved memory is below a dense SwiGLU's.
+- The combine and its backward are `index_add_` into [T, D] (deterministic on CPU), one pass,
+  rather than an inverse-permutation gather to [T, K, D] followed by a sum.
 
-Legend: T tokens, D hidden, K top-k slots per token, E experts, A = T*K assignments.
+Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
+A = T*K slots, N rows of one expert.
 """
 
 import torch
 from torch import Tensor
+from transformers.activations import ACT2FN
+
+from moebuild.kernels.ops import define_experts_op, pool_dispatch, sort_by_expert
 
 
-def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, int]:
-    """Assignments in expert order: (order_A, counts_E, number of dropped slots).
-
-    Dropped slots (id -1) sort first and are skipped; `order_A` indexes the flattened [T*K]
-    slots. Stable sort keeps tokens in their original order inside each expert.
-    """
-    ids_A = ids_TK.reshape(-1)
-    order_A = torch.argsort(ids_A, stable=True)
-    counts_E1 = torch.bincount(ids_A + 1, minlength=num_experts + 1)
-    return order_A, counts_E1[1:], int(counts_E1[0])
+def expert_spans(counts_E: Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert with rows, in sorted order."""
+    spans, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count:
+            spans.append((e, start, start + count))
+        start += count
+    return spans
 
 
-def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
+def _quick_gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
+    s = torch.sigmoid(1.702 * x)
+    return grad * s * (1 + 1.702 * x * (1 - s))
+
+
+# d activation(x) / dx as a function of (incoming gradient, x). Autograd cannot be used inside a
+# custom op (it runs below the autograd dispatch key), so each derivative is written out; the
+# ATen backward kernels are single fused passes.
+ACTIVATION_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="none"),
+    "gelu_new": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
+    "quick_gelu": _quick_gelu_backward,
+    "relu": lambda grad, x: grad * (x > 0),
+}
+
+
+def activate(h_NR: Tensor, gated: bool, activation: str) -> Tensor:
+    act = ACT2FN[activation]
+    if not gated:
+        return act(h_NR)
+    gate_NI, up_NI = h_NR.chunk(2, dim=-1)
+    return act(gate_NI) * up_NI
+
+
+def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: str) -> tuple[Tensor, Tensor]:
+    """(activation output recomputed from h, gradient of h)."""
+    act, act_backward = ACT2FN[activation], ACTIVATION_BACKWARD[activation]
+    if not gated:
+        return act(h_NR), act_backward(grad_NI, h_NR)
+    gate_NI, up_NI = h_NR.chunk(2, dim=-1)
+    act_NI = act(gate_NI)
+    grad_NR = torch.empty_like(h_NR)
+    torch.mul(grad_NI, act_NI, out=grad_NR[:, gate_NI.shape[1]:])
+    grad_NR[:, : gate_NI.shape[1]] = act_backward(grad_NI * up_NI, gate_NI)
+    return act_NI.mul_(up_NI), grad_NR
+
+
+def _linear_into(out: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> None:
+    if b is None:
+        torch.mm(x, w_t, out=out)
+    else:
+        torch.addmm(b, x, w_t, out=out)
+
+
+def sorted_forward(
+    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, w_in_ERD: Tensor, b_in_ER: Tensor | None,
+    w_out_EDI: Tensor, b_out_ED: Tensor | None, gated: bool, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, K = ids_TK.shape
-    order_A, counts_E, num_dropped = sort_by_expert(ids_TK, pool.num_experts)
-    kept_A = order_A[num_dropped:]
-    x_AD = x_TD[kept_A // K]  # tokens in expert order
-    chunks = x_AD.split(counts_E.tolist())
-    y_AD = torch.cat(
-        [pool.mlp(x_ND, w) if x_ND.shape[0] else x_ND for x_ND, w in zip(chunks, pool.split())]
-        + [x_TD.new_zeros(0, x_TD.shape[1])]  # keeps cat defined when every slot is dropped
-    )
-    y_AD = y_AD * weights_TK.reshape(-1)[kept_A, None].to(y_AD.dtype)
-    # Un-permute: dropped slots read a zero row; every slot then sums over its token's K.
-    y_AD = torch.cat([y_AD.new_zeros(num_dropped, y_AD.shape[1]), y_AD])
-    inverse_A = torch.empty_like(order_A)
-    inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    return y_AD[inverse_A].view(T, K, x_TD.shape[1]).sum(dim=1)
+    order_A, counts_E = sort_by_expert(ids_TK, w_in_ERD.shape[0])
+    spans = expert_spans(counts_E)
+    kept = spans[-1][2] if spans else 0
+    tok_A = order_A[:kept] // K
+    x_AD = x_TD.index_select(0, tok_A)  # tokens in expert order
+    h_AR = x_TD.new_empty(T * K, w_in_ERD.shape[1])
+    y_AD = x_TD.new_empty(T * K, x_TD.shape[1])
+    for e, start, end in spans:
+        h_NR = h_AR[start:end]
+        _linear_into(h_NR, x_AD[start:end], w_in_ERD[e].t(), None if b_in_ER is None else b_in_ER[e])
+        a_NI = activate(h_NR, gated, activation)
+        _linear_into(y_AD[start:end], a_NI, w_out_EDI[e].t(), None if b_out_ED is None else b_out_ED[e])
+    gate_A1 = weights_TK.reshape(-1)[order_A[:kept], None].to(x_TD.dtype)
+    y_TD = torch.zeros_like(x_TD).index_add_(0, tok_A, y_AD[:kept] * gate_A1)
+    return y_TD, order_A, counts_E, h_AR, y_AD
+
+
+def sorted_backward(
+    grad_TD: Tensor, x_TD: Tensor, weights_TK: Tensor, w_in_ERD: Tensor, b_in_ER: Tensor | None,
+    w_out_EDI: Tensor, b_out_ED: Tensor | None, order_A: Tensor, counts_E: Tensor, h_AR: Tensor,
+    y_AD: Tensor, gated: bool, activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    K = weights_TK.shape[1]
+    spans = expert_spans(counts_E)
+    kept = spans[-1][2] if spans else 0
+    slot_A = order_A[:kept]
+    tok_A = slot_A // K
+    dy_AD = grad_TD.index_select(0, tok_A)
+    # d gate weight = <grad of the token, unweighted expert output>; dropped slots get 0.
+    dweights_A = weights_TK.new_zeros(weights_TK.numel())
+    dweights_A[slot_A] = (dy_AD * y_AD[:kept]).sum(dim=-1).to(weights_TK.dtype)
+    dy_AD.mul_(weights_TK.reshape(-1)[slot_A, None].to(dy_AD.dtype))
+    x_AD = x_TD.index_select(0, tok_A)
+    dx_AD = torch.empty_like(x_AD)
+    empty = [e for e, count in enumerate(counts_E.tolist()) if not count]
+    dw_in, dw_out = _zeros_where_empty(w_in_ERD, empty), _zeros_where_empty(w_out_EDI, empty)
+    db_in, db_out = _bias_grad(b_in_ER, empty, x_TD), _bias_grad(b_out_ED, empty, x_TD)
+    for e, start, end in spans:
+        dy_ND = dy_AD[start:end]
+        a_NI, dh_NR = activate_backward(h_AR[start:end], dy_ND @ w_out_EDI[e], gated, activation)
+        torch.mm(dy_ND.t(), a_NI, out=dw_out[e])
+        torch.mm(dh_NR.t(), x_AD[start:end], out=dw_in[e])
+        torch.mm(dh_NR, w_in_ERD[e], out=dx_AD[start:end])
+        if b_in_ER is not None:
+            torch.sum(dh_NR, dim=0, out=db_in[e])
+        if b_out_ED is not None:
+            torch.sum(dy_ND, dim=0, out=db_out[e])
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, tok_A, dx_AD)
+    return dx_TD, dweights_A.view_as(weights_TK), dw_in, db_in, dw_out, db_out
+
+
+def _zeros_where_empty(w_E: Tensor, empty: list[int]) -> Tensor:
+    """A gradient of `w_E`, zero for the experts without rows and uninitialised for the rest, which
+    the expert loop overwrites (a masked fill over the whole tensor cost 25 ms a call at config B)."""
+    grad_E = torch.empty_like(w_E)
+    for e in empty:
+        grad_E[e].zero_()
+    return grad_E
+
+
+def _bias_grad(b_E: Tensor | None, empty: list[int], x_TD: Tensor) -> Tensor:
+    return _zeros_where_empty(b_E, empty) if b_E is not None else x_TD.new_empty(0)
+
+
+sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_backward)
+sorted_dispatch = pool_dispatch(sorted_experts)

@@ -1,7 +1,8 @@
 """Expert dispatch backends by name; every backend is `fn(x_TD, weights_TK, ids_TK, pool) -> y_TD`.
 
-"eager" is the per-expert reference loop, "torch" the sort-based pure-PyTorch path; "auto" picks
-the fastest backend available on the input's device (Triton on GPU once it exists).
+"eager" is the per-expert reference loop, "torch" the sort-based pure-PyTorch custom op (the
+fast CPU path), "triton" the Triton kernels (imported on first use only, so CPU installs never
+import triton); "auto" picks triton on CUDA and the torch path elsewhere.
 """
 
 from collections.abc import Callable
@@ -14,13 +15,21 @@ from moebuild.kernels.torch_sorted import sorted_dispatch
 
 DispatchFn = Callable[[Tensor, Tensor, Tensor, "torch.nn.Module"], Tensor]
 
+
+def triton_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
+    from moebuild.kernels.triton_dispatch import triton_dispatch as dispatch
+
+    return dispatch(x_TD, weights_TK, ids_TK, pool)
+
+
 BACKENDS: dict[str, DispatchFn] = {
     "eager": eager_dispatch,
     "torch": sorted_dispatch,
+    "triton": triton_dispatch,
 }
 
 # device type -> backend used by "auto"; any device not listed uses AUTO_DEFAULT.
-AUTO: dict[str, str] = {"cpu": "torch"}
+AUTO: dict[str, str] = {"cuda": "triton"}
 AUTO_DEFAULT = "torch"
 
 
@@ -28,6 +37,11 @@ def check_backend(name: str) -> str:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown dispatch backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     return name
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether a backend runs natively on the device (triton on CPU only under its slow interpreter)."""
+    return name != "triton" or device.type == "cuda"
 
 
 def get_dispatch(name: str, device: torch.device) -> DispatchFn:

@@ -40,6 +40,7 @@ class ExpertPool(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.gated = gated
+        self.activation = activation
         self.backend = check_backend(backend)
         self.init_std = init_std
         self.act_fn = ACT2FN[activation]
@@ -71,6 +72,11 @@ class ExpertPool(nn.Module):
         b_out = self.down_proj_bias.unbind(0) if self.down_proj_bias is not None else [None] * E
         w_in = getattr(self, self.in_name).unbind(0)
         return [ExpertWeights(*ws) for ws in zip(w_in, b_in, self.down_proj.unbind(0), b_out)]
+
+    def stacked(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(w_in [E, R, D], b_in [E, R] or None, w_out [E, D, I], b_out [E, D] or None); R = 2I gated else I."""
+        w_in, b_in = getattr(self, self.in_name), getattr(self, f"{self.in_name}_bias")
+        return w_in, b_in, self.down_proj, self.down_proj_bias
 
     def mlp(self, x_ND: Tensor, expert: ExpertWeights) -> Tensor:
         h_NI = F.linear(x_ND, expert.w_in, expert.b_in)
