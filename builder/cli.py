@@ -254,6 +254,48 @@ def graph(spec: str, output: Path, overrides: tuple[str, ...]):
     click.echo(f"wrote {output}", err=True)
 
 
+@main.command()
+@click.argument("what", type=click.Choice(["moe"]))
+@click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--intermediate", type=click.IntRange(min=1), default=2816, show_default=True)
+@click.option("--shared-experts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Width of a shared SwiGLU every token also goes through (0: none).")
+@click.option("--tokens", type=click.IntRange(min=1), multiple=True, default=(2048,), show_default=True,
+              help="Token count; repeatable.")
+@click.option("--backward", is_flag=True, help="Also time forward+backward.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Median of this many.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--skip", multiple=True, metavar="IMPL", help='Leave an implementation out, e.g. "transformers eager".')
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(what, experts, top_k, hidden, intermediate, shared_experts, tokens, backward, repeats, device, dtype,
+          skip, as_json):
+    """Time every moebuild dispatch backend, every transformers experts implementation and a
+    dense SwiGLU of the same activated FLOPs, on the same weights and routing, in one process.
+
+    \b
+    Examples:
+      moebuild bench moe --experts 64 --top-k 6 --intermediate 512 --shared-experts 1024 --backward
+      moebuild bench moe --tokens 1 --tokens 32 --json
+    """
+    if top_k > experts:
+        raise click.BadParameter(f"--top-k {top_k} exceeds --experts {experts}", param_hint="--top-k")
+    import torch
+
+    from moebuild.bench import MoEConfig, bench_moe, format_table, to_json
+
+    cfg = MoEConfig(experts, top_k, hidden, intermediate, shared_experts)
+    try:
+        results = bench_moe(cfg, list(tokens), backward=backward, repeats=repeats, device=device,
+                            dtype=getattr(torch, dtype), skip=tuple(skip))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(to_json(cfg, results, device, getattr(torch, dtype)), indent=2) if as_json
+               else format_table(cfg, results))
+
+
 def spec_json_schema() -> dict:
     """JSON Schema of ``ModelSpec`` with ``$schema`` and ``title`` set."""
     from moebuild.schemas import ModelSpec
