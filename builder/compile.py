@@ -34,6 +34,7 @@ from .language import LanguageModel, make_hf_config
 from .moe import routers
 from .moe.build import DTYPES, MOE_BUILDERS, build_moe
 from .moe.experts import ExpertPool
+from .tiling import TiledConnector
 from .vision import VisionTower, build_vision_tower
 
 
@@ -133,6 +134,9 @@ def build_components(spec: ModelSpec, text_config=None) -> tuple[VisionTower, nn
     """Vision tower, connector and language model of a spec (random init, current default device)."""
     vision = build_module(spec.vision)
     connector = build_module(spec.connector, in_dim=vision.hidden_size, out_dim=spec.language.hidden_size)
+    if spec.vision.tiling is not None:
+        # DeepSeek-VL2 keeps image_newline / view_separator beside its projector: they are the connector's.
+        connector = TiledConnector(connector, spec.language.hidden_size, global_view=spec.vision.tiling.global_view)
     language = build_language(spec.language, moe=spec.moe, hf_config=text_config)
     return vision, connector, language
 
@@ -193,6 +197,12 @@ def build(spec, device=None, dtype=None, seed: int | None = None):
     return model
 
 
+def tile_token_side(spec: ModelSpec) -> int:
+    """Tokens along one side of a view after the connector (27 patches, 2x2 merge -> 14)."""
+    factor = spec.connector.factor if isinstance(spec.connector, DownsampleMLPConnector) else 1
+    return math.ceil(spec.vision.image_size // spec.vision.patch_size / factor)
+
+
 def build_processor(spec):
     """The image processor matching a spec's tower, connector and tiling."""
     from .processing import TOWER_NORMALIZATION, TiledImageProcessor, build_image_processor
@@ -201,9 +211,8 @@ def build_processor(spec):
         from .loading import load_spec
 
         spec = load_spec(spec)
-    vision, connector = spec.vision, spec.connector
-    factor = connector.factor if isinstance(connector, DownsampleMLPConnector) else 1
-    token_side = math.ceil(vision.image_size // vision.patch_size / factor)
+    vision = spec.vision
+    token_side = tile_token_side(spec)
     if vision.tiling is not None:
         mean, std = TOWER_NORMALIZATION[vision.type]
         tiling = vision.tiling

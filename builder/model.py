@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 from moebuild.schemas import ModelSpec
 
 from .moe.layer import IMAGE, TEXT
+from .tiling import TiledConnector
 
 
 class MoEVLMConfig(PretrainedConfig):
@@ -111,7 +112,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens one image takes in `input_ids` (without tiling)."""
+        """Placeholder tokens one untiled view takes in `input_ids` (a tiled picture's count comes from the processor)."""
         return self.connector.num_output_tokens(self.vision.num_tokens)
 
     def get_input_embeddings(self):
@@ -124,22 +125,41 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         return self.language.lm_head
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> language-space embeddings [N, P, H]."""
+        """Views [V, 3, H, W] -> language-space embeddings [V, P, H], one token sequence per view."""
         return self.connector(self.vision(pixel_values.to(self.dtype)))
 
-    def merge_image_features(self, input_ids, inputs_embeds, pixel_values):
-        """Put the connector's output at the image placeholder tokens, in order."""
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grids=None) -> torch.Tensor:
+        """Every picture's tokens in sequence order, [T, H].
+
+        Without `image_grids` each view is one picture. With them (the processor's `tile_grids`:
+        (columns, rows) of local tiles per picture), a tiled spec's connector lays each picture's
+        global view and tiles out with newlines and the view separator (DeepSeek-VL2).
+        """
+        features_VPH = self.image_features(pixel_values)
+        if image_grids is None:
+            return features_VPH.reshape(-1, features_VPH.shape[-1])
+        if not isinstance(self.connector, TiledConnector):
+            raise ValueError("image_grids are for tiled images; this spec has no vision.tiling")
+        return self.connector.arrange(features_VPH, image_grids)
+
+    def merge_image_features(self, input_ids, inputs_embeds, pixel_values, image_grids=None):
+        """Put the pictures' embeddings at the image placeholder tokens, in order."""
         is_image_BS = input_ids == self.config.image_token_id
         if pixel_values is None or not is_image_BS.any():
             return inputs_embeds
-        features_NPD = self.image_features(pixel_values)
-        if is_image_BS.sum().item() != features_NPD.shape[0] * features_NPD.shape[1]:
+        features_TH = self.image_embeddings(pixel_values, image_grids)
+        if is_image_BS.sum().item() != features_TH.shape[0]:
+            if image_grids is None:
+                pictures = pixel_values.shape[0]
+                detail = f"({features_TH.shape[0] // pictures} per image)"
+            else:
+                pictures = len(image_grids)
+                detail = "(tiled " + ", ".join(f"{int(c)}x{int(r)}" for c, r in image_grids) + ")"
             raise ValueError(
-                f"input_ids hold {int(is_image_BS.sum())} image tokens but {features_NPD.shape[0]} image(s) "
-                f"give {features_NPD.shape[0] * features_NPD.shape[1]} features ({features_NPD.shape[1]} per image)"
+                f"input_ids hold {int(is_image_BS.sum())} image tokens but {pictures} image(s) "
+                f"give {features_TH.shape[0]} features {detail}"
             )
-        features = features_NPD.reshape(-1, features_NPD.shape[-1]).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(is_image_BS.unsqueeze(-1), features)
+        return inputs_embeds.masked_scatter(is_image_BS.unsqueeze(-1), features_TH.to(inputs_embeds.dtype))
 
     def forward(
         self,
@@ -152,14 +172,16 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         modality: torch.LongTensor | None = None,
+        image_grids=None,
         output_router_stats: bool = False,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> MoEVLMOutput:
-        """`modality` [B, S] (0 text, 1 image) is derived from the placeholder tokens when omitted."""
+        """`modality` [B, S] (0 text, 1 image) is derived from the placeholder tokens when omitted;
+        `image_grids` are the processor's `tile_grids` for a tiled spec (see `image_embeddings`)."""
         if inputs_embeds is None:
             inputs_embeds = self.language.embed_tokens(input_ids)
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_grids)
         if modality is None and input_ids is not None:
             modality = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
         out = self.language(

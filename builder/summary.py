@@ -5,15 +5,19 @@ transformers 5.x: `CLIPVisionModel` / `SiglipVisionModel` (every block kept, wha
 select_layer; SigLIP's attention-pooling head when use_head), the connectors of
 `moebuild.connectors`, and the decoder families of `moebuild.language` (`modeling_<family>.py`)
 with each MoE layer's FFN replaced by its expert pools (`moebuild.moe.experts`, stacked
-transformers-5 layout) and one E x H router weight per top-k route. Parts, named as the modules'
-parameters group: vision embeddings / norms / layers / head; connector layers; language
-embedding, attention (projections and MLA's inner norms), norms, dense_ffn, experts.<pool>,
-routers, lm_head (only its bias when tied to the embedding).
+transformers-5 layout) and one E x H router weight per routed route (E x slots x H for soft, H for
+a gated dense route, none for a plain dense one). Parts, named as the modules' parameters
+group: vision embeddings / norms / layers / head; connector layers; language embedding,
+attention (projections and MLA's inner norms), norms, dense_ffn, experts.<pool>, routers,
+lm_head (only its bias when tied to the embedding); with tiling, the connector's tile_layout
+(DeepSeek-VL2's image_newline and view_separator).
 
 Active parameters per token (the `counting` sentence in the JSON says the same):
 - a token takes the routes whose `tokens` match its modality (text or image); in a pool it uses
-  every expert when a matching route is dense, else the largest top_k among its matching top-k
-  routes (two routes over one pool never add up: LTDR's text top-2 and image top-2 use 2 experts);
+  every expert when a matching route is dense (or soft), else the most experts any matching route
+  gives one token: top_k, 2 for deepspeed_top2, tail_top_k for dynamic_topk (LTDR's tail image
+  tokens), max_experts for threshold, the average capacity_factor for expert_choice (two routes
+  over one pool never add up: LTDR's text top-2 and image top-4 use at most 4 experts);
   the routers of its matching routes count fully;
 - the modality with more active parameters is reported (text on ties), so hard modality routing
   (image tokens to one pool, text to another) counts one pool, not both;
@@ -24,6 +28,9 @@ FLOPs per token: the decoder's forward, 2 per active weight element of a matmul 
 included, embedding lookups, biases and norms not) plus attention scores and the weighted sum of
 values against `context` keys (the last token of a `context`-long sequence; a causal average is
 about half). The vision tower and connector run per image and are left out.
+Published figures (`published` in the JSON): each system's own counting convention applied to the
+spec (`PUBLISHED`): MoE-LLaVA's language-model-only activated count, DeepSeek-VL2's whole-model
+total and activated-without-input-embedding; each entry says what it counts and how it was quoted.
 KV cache: 2 * layers * kv_heads * head_dim elements per token; MLA caches the compressed latent and
 the RoPE key, layers * (kv_lora_rank + qk_rope_head_dim), as transformers' DeepseekV2Attention does.
 """
@@ -88,6 +95,8 @@ class Summary:
     language: Component
     active_modality: str
     kv_cache_elements_per_token: int
+    language_by_modality: dict[str, Component] = field(default_factory=dict)
+    """The language component as a text token and as an image token uses it."""
     counting: str = field(init=False)
 
     def __post_init__(self):
@@ -134,6 +143,7 @@ class Summary:
             "memory": self.memory_bytes(),
             "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token(),
             "counting": self.counting,
+            "published": {key: convention.figures(self) for key, convention in PUBLISHED.items()},
         }
 
 
@@ -168,11 +178,15 @@ def vision_component(vision) -> Component:
     return Component(parts)
 
 
-def connector_component(connector, vision_hidden: int, hidden: int) -> Component:
+def connector_component(connector, vision_hidden: int, hidden: int, tiling=None) -> Component:
+    """The projector's layers; with tiling, DeepSeek-VL2's image_newline and view_separator (global view only)."""
     factor = connector.factor if connector.type == "downsample_mlp" else 1
     depth = connector.depth if connector.type != "linear" else 1
     first = _linear(factor * factor * vision_hidden, hidden)
-    return Component({"layers": _fixed(first + (depth - 1) * _linear(hidden, hidden))})
+    parts = {"layers": _fixed(first + (depth - 1) * _linear(hidden, hidden))}
+    if tiling is not None:
+        parts["tile_layout"] = _fixed(hidden * (2 if tiling.global_view else 1))
+    return Component(parts)
 
 
 # ---------------------------------------------------------------- language decoder
@@ -279,7 +293,14 @@ class _RouterCount:
 
 _ROUTERS = {
     "topk": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.top_k),
-    "dense": _RouterCount(params=lambda router, e, h: 0, experts_used=lambda router, e: e),
+    "dense": _RouterCount(params=lambda router, e, h: h if router.gate == "sigmoid" else 0, experts_used=lambda router, e: e),
+    "deepspeed_top2": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: 2),
+    "threshold": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.max_experts),
+    "dynamic_topk": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.tail_top_k),
+    # expert_choice: capacity_factor experts per token on average; soft: every expert (through its slots)
+    "expert_choice": _RouterCount(params=lambda router, e, h: e * h,
+                                  experts_used=lambda router, e: min(e, int(-(-router.capacity_factor // 1)))),
+    "soft": _RouterCount(params=lambda router, e, h: e * router.slots_per_expert * h, experts_used=lambda router, e: e),
 }
 
 
@@ -342,11 +363,58 @@ def summarize(spec: ModelSpec, context: int = DEFAULT_CONTEXT) -> Summary:
         name=spec.name,
         context=context,
         vision=vision_component(spec.vision),
-        connector=connector_component(spec.connector, spec.vision.hidden_size, spec.language.hidden_size),
+        connector=connector_component(spec.connector, spec.vision.hidden_size, spec.language.hidden_size,
+                                      spec.vision.tiling),
         language=by_modality[modality],
+        language_by_modality=by_modality,
         active_modality=modality,
         kv_cache_elements_per_token=kv_cache_elements_per_token(spec),
     )
+
+
+# ---------------------------------------------------------------- published conventions
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one published system counts its headline parameter figures, applied to any spec."""
+
+    system: str
+    counting: str
+    total: Callable[[Summary], int]
+    activated: Callable[[Summary], int]
+
+    def figures(self, summary: Summary) -> dict:
+        return {"system": self.system, "counting": self.counting,
+                "total": self.total(summary), "activated": self.activated(summary)}
+
+
+PUBLISHED = {
+    # MoE-LLaVA (arXiv:2401.15947) Table 1 / model cards: "activated" is the language model with its
+    # embeddings, top-2 of 4 experts (2.0B / 2.2B / 3.6B: 2.060B / 2.243B / 3.619B cut to 0.1B).
+    "moe_llava": Convention(
+        system="MoE-LLaVA",
+        counting="language model only, input embedding and LM head included; activated = a text token's "
+                 "experts (top-2 of 4). Quoted figures are cut (not rounded) to 0.1B: 2.060B is "
+                 "quoted 2.0B.",
+        total=lambda s: s.language_by_modality["text"].total,
+        activated=lambda s: s.language_by_modality["text"].active,
+    ),
+    # DeepSeek-VL2 (arXiv:2412.10302): totals are the checkpoints' parameter counts (3.37B / 16.1B /
+    # 27.5B, rounded); activated (1.0B / 2.8B / 4.5B) = the language model's activated parameters
+    # without the input embedding, as DeepSeek quotes its LLMs (0.57B / 2.4B / 4.1B, Small's being
+    # DeepSeek-V2-Lite's 2.4B), plus the ~0.4B SigLIP-SO400M tower. The exact sums are 1.010B /
+    # 2.893B / 4.571B: the quoted figures are those cut to 0.1B (rounding would give 2.9B and 4.6B).
+    "deepseek_vl2": Convention(
+        system="DeepSeek-VL2",
+        counting="whole model: vision tower (with its unused pooling head), connector, newline/separator, "
+                 "language model; activated leaves the input embedding out (the LM head stays in). Totals "
+                 "are quoted rounded, activated figures cut to 0.1B (Small 2.893B is quoted 2.8B).",
+        total=lambda s: s.total_params,
+        activated=lambda s: s.active_params - s.embedding_params,
+    ),
+}
+"""Published counting conventions by key; `summary --json` reports each under `published`."""
 
 
 # ---------------------------------------------------------------- plain-text table

@@ -10,7 +10,12 @@ from .base import Activation, SpecModel
 
 
 class DynamicTiling(SpecModel):
-    """DeepSeek-VL2 dynamic tiling: a global view plus local tiles on the best-fitting grid."""
+    """DeepSeek-VL2 dynamic tiling: a global view plus local tiles on the best-fitting grid.
+
+    The model lays each picture out as DeepSeek-VL2 does: the global view's token rows, each
+    followed by a learned image_newline, a learned view_separator, then the local tiles stitched
+    into one grid whose rows also end in the newline (both vectors are the connector's parameters).
+    """
 
     type: Literal["dynamic"]
     """Selects this kind: dynamic."""
@@ -56,6 +61,9 @@ class _VisionBase(SpecModel):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.tiling is not None and self.tiling.tile_size != self.image_size:
+            raise ValueError(f"tiling.tile_size {self.tiling.tile_size} must equal image_size {self.image_size} "
+                             "(each tile is one tower input)")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
             raise ValueError(
                 f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
@@ -73,6 +81,12 @@ class ClipVision(_VisionBase):
     """patch = drop the CLS token (LLaVA); cls_patch = keep it."""
     hidden_act: Activation = "quick_gelu"
     """Activation of the tower's MLPs (OpenAI CLIP uses quick_gelu)."""
+
+    @model_validator(mode="after")
+    def _tiling_needs_a_grid(self):
+        if self.tiling is not None and self.select_feature == "cls_patch":
+            raise ValueError("tiling lays patch tokens out on their grid; use select_feature: patch (no CLS)")
+        return self
 
 
 class SiglipVision(_VisionBase):

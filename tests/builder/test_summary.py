@@ -2,7 +2,7 @@
 
 Vision towers and decoders are transformers' own classes (the ones moebuild wraps), connectors
 moebuild's; a decoder is built dense and split by parameter name into the summary's parts. Expert
-pools are moebuild's `ExpertPool`; routers follow the written-out formula E x H per top-k route.
+pools are moebuild's `ExpertPool`, routers the modules moebuild builds for each route.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from transformers import (
 
 from moebuild.connectors import CONNECTORS
 from moebuild.loading import load_spec
+from moebuild.moe.build import build_router
 from moebuild.moe.experts import ExpertPool
 from moebuild.schemas import ModelSpec
 from moebuild.summary import BYTES_PER_DTYPE, format_table, summarize
+from moebuild.tiling import TiledConnector
 
 ZOO = Path(__file__).resolve().parents[2] / "zoo"
 PRESETS = sorted(path.stem for path in ZOO.glob("*/*.yaml"))
@@ -51,6 +53,8 @@ def _connector_reference(spec: ModelSpec) -> int:
     kind = node.pop("type")
     with torch.device("meta"):
         module = CONNECTORS[kind](spec.vision.hidden_size, spec.language.hidden_size, **node)
+        if spec.vision.tiling is not None:
+            module = TiledConnector(module, spec.language.hidden_size, global_view=spec.vision.tiling.global_view)
     return _numel(module.parameters())
 
 
@@ -108,8 +112,10 @@ def _moe_reference(spec: ModelSpec) -> dict[str, int]:
         with torch.device("meta"):
             module = ExpertPool(pool.num_experts, h, pool.intermediate_size, pool.activation, pool.gated, pool.bias)
         parts[f"experts.{name}"] = n_moe * _numel(module.parameters())
-    topk = [route for route in spec.moe.routes if route.router.type == "topk"]
-    parts["routers"] = n_moe * sum(spec.moe.pools[route.pool].num_experts * h for route in topk)
+    with torch.device("meta"):
+        routers = [build_router(route.router, hidden_size=h, num_experts=spec.moe.pools[route.pool].num_experts)
+                   for route in spec.moe.routes]
+    parts["routers"] = n_moe * sum(_numel(router.parameters()) for router in routers)
     return parts
 
 
@@ -176,6 +182,9 @@ def test_siglip_without_head_and_downsample_connector():
     spec.vision.use_head = False
     _assert_counts_match(spec)
     spec = load_spec("micro-deepseek-vl2", overrides=["+vision.use_head=false", "connector.factor=3"])
+    _assert_counts_match(spec)
+    spec = load_spec("micro-deepseek-vl2", overrides=["vision.tiling.global_view=false"])
+    assert summarize(spec).connector.parts["tile_layout"].total == spec.language.hidden_size  # no separator
     _assert_counts_match(spec)
 
 

@@ -1,0 +1,119 @@
+"""DeepSeek-VL2's tiled token layout: the connector's arrangement against a written-out loop, and the
+processor's token counts against what the model inserts (421 / 1023 / 2017 for 1x1 / 2x2 / 3x3
+grids with a DeepSeek-VL2-shaped tower and connector; 576 for MoE-LLaVA)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from moebuild.compile import build, build_processor
+from moebuild.loading import load_spec
+from moebuild.tiling import TiledConnector, tiled_token_count
+
+H = 8
+
+
+def _layout_loop(views_VPH, grid, side, newline, separator):
+    """DeepSeek-VL2's layout one token at a time: global rows + newlines, separator, local rows + newlines."""
+    cols, rows = grid
+    out = []
+    if separator is not None:
+        for y in range(side):
+            out += [views_VPH[0, y * side + x] for x in range(side)] + [newline]
+        out.append(separator)
+        views_VPH = views_VPH[1:]
+    for y in range(rows * side):
+        for x in range(cols * side):
+            tile = (y // side) * cols + x // side
+            out.append(views_VPH[tile, (y % side) * side + x % side])
+        out.append(newline)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("global_view", [True, False])
+@pytest.mark.parametrize("grid", [(1, 1), (3, 2), (1, 4)])
+def test_arrangement_equals_the_token_loop(grid, global_view):
+    torch.manual_seed(0)
+    side = 3
+    layout = TiledConnector(nn.Identity(), H, global_view=global_view)
+    views_VPH = torch.randn(grid[0] * grid[1] + global_view, side * side, H)
+    tokens_TH = layout.arrange(views_VPH, [grid])
+    expected = _layout_loop(views_VPH, grid, side, layout.image_newline, layout.view_separator)
+    torch.testing.assert_close(tokens_TH, expected, rtol=0, atol=0)
+    assert tokens_TH.shape[0] == tiled_token_count(side, grid, global_view)
+
+
+def test_several_pictures_are_laid_out_in_order():
+    torch.manual_seed(0)
+    layout = TiledConnector(nn.Identity(), H)
+    grids = [(2, 1), (1, 1)]
+    views_VPH = torch.randn(3 + 2, 4, H)
+    tokens_TH = layout.arrange(views_VPH, grids)
+    first = layout.arrange_one(views_VPH[:3], grids[0])
+    torch.testing.assert_close(tokens_TH, torch.cat([first, layout.arrange_one(views_VPH[3:], grids[1])]))
+    with pytest.raises(ValueError, match="need 5 views .* pixel_values holds 4"):
+        layout.arrange(views_VPH[:4], grids)
+
+
+def test_published_token_counts():
+    assert [tiled_token_count(14, (n, n)) for n in (1, 2, 3)] == [421, 1023, 2017]
+
+
+@pytest.fixture(scope="module")
+def deepseek_shaped():
+    """micro-deepseek-vl2 with SigLIP-SO400M/384's grid: 27 x 27 patches -> 14 x 14 tokens per view."""
+    spec = load_spec("micro-deepseek-vl2", overrides=["vision.image_size=384", "vision.tiling.tile_size=384",
+                                                      "vision.hidden_size=32", "vision.num_heads=2"])
+    torch.manual_seed(0)
+    return build(spec).eval(), build_processor(spec)
+
+
+def _picture(width, height, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("side,tokens", [(384, 421), (768, 1023), (1152, 2017)])
+def test_processor_count_equals_what_the_model_inserts(deepseek_shaped, side, tokens):
+    model, processor = deepseek_shaped
+    images = processor([_picture(side, side)])
+    assert images.tile_grids == [(side // 384, side // 384)]
+    assert images.num_image_tokens == [tokens]
+    ids = torch.tensor([[1] + [model.config.image_token_id] * tokens + [5, 6]])
+    with torch.no_grad():
+        embeds = model.merge_image_features(ids, model.get_input_embeddings()(ids), images.pixel_values,
+                                            images.tile_grids)
+        arranged = model.connector.arrange(model.image_features(images.pixel_values), images.tile_grids)
+    torch.testing.assert_close(embeds[0, 1:-2], arranged)
+    # the newline closes the first row of the global view; the separator follows the global view
+    torch.testing.assert_close(embeds[0, 1 + 14], model.connector.image_newline.detach())
+    torch.testing.assert_close(embeds[0, 1 + 14 * 15], model.connector.view_separator.detach())
+
+
+def test_three_pictures_get_one_tile_each_and_a_forward_runs(deepseek_shaped):
+    model, processor = deepseek_shaped
+    images = processor([_picture(900, 300, seed=i) for i in range(3)])
+    assert images.tile_grids == [(1, 1)] * 3 and images.num_image_tokens == [421] * 3
+    ids = torch.tensor([[1] + [model.config.image_token_id] * 1263 + [7]])
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=images.pixel_values, image_grids=images.tile_grids)
+    assert out.logits.shape[1] == ids.shape[1] and torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="1263 image tokens but 2 image"):
+        model(input_ids=ids, pixel_values=images.pixel_values[:4], image_grids=images.tile_grids[:2])
+
+
+def test_grids_without_tiling_are_refused():
+    model = build("micro-moe-llava")
+    ids = torch.tensor([[1] + [model.config.image_token_id] * model.num_image_tokens])
+    with pytest.raises(ValueError, match="no vision.tiling"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 56, 56), image_grids=[(1, 1)])
+
+
+def test_moe_llava_image_takes_576_tokens():
+    spec = load_spec("micro-moe-llava", overrides=["vision.image_size=336"])
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    images = build_processor(spec)([_picture(500, 375)])
+    assert images.num_image_tokens == [576] and images.tile_grids is None
+    with torch.no_grad():
+        assert model.image_embeddings(images.pixel_values).shape == (576, spec.language.hidden_size)
