@@ -85,3 +85,49 @@ def test_gradient_flows_through_the_mean_probabilities_only():
     loss = load_balance(probs_TE, probs_TE.topk(2, dim=-1).indices, torch.ones(10, dtype=torch.bool))
     loss.backward()
     assert logits_TE.grad.abs().sum() > 0
+
+
+def test_seq_aux_formula_per_sequence_then_averaged():
+    from moebuild.moe.balancing import seq_aux
+
+    seq_T = torch.tensor([0, 0, 1, 1])
+    # sequence 0: tokens 0, 1 (both counted); sequence 1: token 3 only (token 2 masked)
+    # seq 0: assignments e0, e1, e1, e2 -> f = 3 * (1/4, 2/4, 1/4); P = mean of rows 0, 1
+    P0 = [(0.5 + 0.1) / 2, (0.3 + 0.6) / 2, (0.2 + 0.3) / 2]
+    l0 = sum(f * p for f, p in zip([3 / 4, 6 / 4, 3 / 4], P0))
+    # seq 1: token 3 picks e0, e2 -> f = 3 * (1/2, 0, 1/2); P = row 3
+    l1 = sum(f * p for f, p in zip([3 / 2, 0.0, 3 / 2], [0.7, 0.1, 0.2]))
+    torch.testing.assert_close(seq_aux(PROBS_TE, TOPK_TK, MASK_T, seq_T, 2), torch.tensor((l0 + l1) / 2))
+    # balanced: every sequence uniform scores and even counts -> 1.0
+    uniform = torch.full((6, 3), 1 / 3)
+    even = torch.tensor([[0, 1], [2, 0], [1, 2]] * 2)
+    ones = torch.ones(6, dtype=torch.bool)
+    torch.testing.assert_close(seq_aux(uniform, even, ones, torch.tensor([0, 0, 0, 1, 1, 1]), 2), torch.tensor(1.0))
+
+
+def test_seq_aux_normalises_sigmoid_scores():
+    from moebuild.moe.balancing import seq_aux
+
+    sig_TE = torch.tensor([[0.9, 0.9, 0.2], [0.5, 0.1, 0.4]])
+    ids_TK = torch.tensor([[0], [2]])
+    ones = torch.ones(2, dtype=torch.bool)
+    norm = sig_TE / sig_TE.sum(-1, keepdim=True)
+    want = sum(f * p for f, p in zip([1.5, 0.0, 1.5], norm.mean(0).tolist()))
+    torch.testing.assert_close(seq_aux(sig_TE, ids_TK, ones, torch.zeros(2, dtype=torch.long), 1), torch.tensor(want))
+
+
+def test_entropy_formula():
+    from moebuild.moe.balancing import entropy
+
+    h = [-sum(p * math.log(p) for p in row) for row in PROBS_TE.tolist()]
+    want = (h[0] + h[1] + h[3]) / 3
+    torch.testing.assert_close(entropy(PROBS_TE, MASK_T), torch.tensor(want))
+    torch.testing.assert_close(entropy(torch.full((2, 4), 0.25), torch.ones(2, dtype=torch.bool)), torch.tensor(math.log(4)))
+
+
+def test_variable_k_counts_only_filled_slots():
+    ids_TK = torch.tensor([[0, -1, -1], [1, 2, -1]])
+    probs_TE = torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.5, 0.3]])
+    # 3 filled assignments: f = (1/3, 1/3, 1/3)
+    want = 3 * sum(p / 3 for p in probs_TE.mean(0).tolist())
+    torch.testing.assert_close(load_balance(probs_TE, ids_TK, torch.ones(2, dtype=torch.bool)), torch.tensor(want))

@@ -126,3 +126,84 @@ def test_dense_router_sends_every_token_to_every_expert():
     assert routing.ids_TK.tolist() == [[0, 1, 2]] * 4
     assert torch.equal(routing.weights_TK, torch.ones(4, 3))
     assert routing.probs_TE is None and not DenseRouter.balanced and TopKRouter.balanced
+
+
+def test_topk_softmax_order_differs_unless_normalised():
+    softmax_topk = identity_router(4, 2).eval()(LOGITS_TE)
+    topk_softmax = identity_router(4, 2, order="topk_softmax").eval()(LOGITS_TE)
+    assert torch.equal(softmax_topk.ids_TK, topk_softmax.ids_TK)
+    # token 0 keeps logits 2.0 and 1.0: softmax over those two only
+    a, b = math.exp(2.0), math.exp(1.0)
+    torch.testing.assert_close(topk_softmax.weights_TK[0], torch.tensor([a / (a + b), b / (a + b)]))
+    assert not torch.allclose(softmax_topk.weights_TK, topk_softmax.weights_TK)
+    normalised = identity_router(4, 2, normalize=True).eval()(LOGITS_TE)
+    torch.testing.assert_close(normalised.weights_TK, topk_softmax.weights_TK)
+    with pytest.raises(ValueError, match="topk_softmax"):
+        TopKRouter(4, 4, 2, score="sigmoid", order="topk_softmax")
+
+
+def test_correction_bias_shifts_selection_not_weights():
+    router = identity_router(4, 2, score="sigmoid", correction_bias=True)
+    assert "e_score_correction_bias" in dict(router.named_buffers()) and len(list(router.parameters())) == 1
+    router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    routing = router.eval()(LOGITS_TE)
+    # token 0: sigmoid [.88, .73, .5, .27] + bias [0, 0, 0, 1] -> picks 3 (1.27) and 0 (.88)
+    assert routing.ids_TK[0].tolist() == [3, 0]
+    sig = torch.sigmoid(LOGITS_TE)
+    torch.testing.assert_close(routing.weights_TK, sig.gather(1, routing.ids_TK))  # unbiased scores
+
+
+def test_group_limited_selection():
+    # 6 experts in 3 groups of 2; group score = sum of its 2 scores; keep the best 1 group.
+    logits_TE = torch.tensor([[0.9, 0.0, 0.8, 0.7, 0.1, 0.1]])
+    router = identity_router(6, 2, score="sigmoid", num_groups=3, top_groups=1)
+    routing = router.eval()(logits_TE)
+    # group sums of sigmoid: g0 = s(.9)+s(0), g1 = s(.8)+s(.7) (largest), g2 = 2 s(.1)
+    assert sorted(routing.ids_TK[0].tolist()) == [2, 3]  # ungrouped top-2 would be experts 0 and 2
+    with pytest.raises(ValueError, match="groups"):
+        TopKRouter(6, 6, 2, num_groups=4)
+
+
+def test_expert_dropout_training_only():
+    torch.manual_seed(0)
+    x_TD = torch.randn(2000, 4)
+    router = identity_router(4, 1, expert_dropout=0.5)
+    assert torch.equal(router.eval()(x_TD).ids_TK, x_TD.argmax(-1, keepdim=True))
+    train_ids = router.train()(x_TD).ids_TK[:, 0]
+    # the best expert survives dropout with probability 1/2; otherwise the best surviving one is taken
+    share_best = (train_ids == x_TD.argmax(-1)).float().mean().item()
+    assert 0.45 < share_best < 0.55
+    empty = train_ids == -1  # all 4 dropped: probability 1/16, an empty slot with weight 0
+    assert 0.03 < empty.float().mean().item() < 0.1
+
+
+def test_topk_curriculum_raises_k_with_update_steps():
+    router = identity_router(4, 3, curriculum=(1, 2))
+    assert router(LOGITS_TE).ids_TK.shape == (3, 1)
+    for want_k in (1, 1, 2, 2, 3, 3):  # k = min(3, 1 + step // 2)
+        assert router.current_k() == want_k
+        router.update_balancing()
+    assert router(LOGITS_TE).ids_TK.shape == (3, 3) and int(router.step) == 6
+
+
+def test_drop_by_score_keeps_each_experts_best_slots():
+    # C = ceil(2 * 2 * 0.5 / 3) = 1. t0 = (e1 .525, e0 .475); t1 = (e0 .439, e1 .294).
+    logits_TE = torch.tensor([[2.0, 2.1, -5.0], [1.0, 0.6, 0.5]])
+    by_score = identity_router(3, 2, capacity=Capacity(train=0.5, policy="by_score")).train()(logits_TE)
+    by_position = identity_router(3, 2, capacity=Capacity(train=0.5)).train()(logits_TE)
+    assert by_score.topk_ids_TK.tolist() == [[1, 0], [0, 1]]
+    # by score: e0 keeps t0's second choice (.475 > .439), e1 keeps t0 (.525 > .294)
+    assert by_score.ids_TK.tolist() == [[1, 0], [-1, -1]]
+    # by position: first choices first -> e0 keeps t1, e1 keeps t0
+    assert by_position.ids_TK.tolist() == [[1, -1], [0, -1]]
+    with pytest.raises(ValueError, match="drop policy"):
+        Capacity(train=1.0, policy="random")
+
+
+def test_dense_sigmoid_gate():
+    router = DenseRouter(2, hidden_size=3, gate="sigmoid")
+    x_TD = torch.randn(5, 3)
+    routing = router(x_TD)
+    want_T1 = torch.sigmoid(x_TD @ router.weight.t())
+    torch.testing.assert_close(routing.weights_TK, want_T1.expand(5, 2))
+    assert routing.ids_TK.tolist() == [[0, 1]] * 5

@@ -1,0 +1,70 @@
+"""Aux-loss-free balancing: loads counted in training forwards only (once under activation
+checkpointing), consumed by update_balancing as b_e += rate * sign(mean load - load_e)."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from moebuild.moe.balancing import BalancingCallback
+from moebuild.moe.experts import ExpertPool
+from moebuild.moe.layer import IMAGE, TEXT, BiasBalancing, MoELayer, Route
+from moebuild.moe.routers import TopKRouter
+
+D = 8
+
+
+def biased_layer(tokens="all", rate=0.01):
+    torch.manual_seed(0)
+    router = TopKRouter(D, 4, 1, score="sigmoid", correction_bias=True)
+    router.weight.data.normal_(0, 1.0)
+    return MoELayer([Route(router, "experts")], [BiasBalancing(rate, tokens)], {"experts": ExpertPool(4, D, 8)})
+
+
+def test_update_moves_bias_by_sign_of_load_gap():
+    layer = biased_layer().train()
+    x_BSD = torch.randn(2, 10, D)
+    mask_BS = torch.ones(2, 10, dtype=torch.long)
+    mask_BS[1, 7:] = 0
+    router = layer.routes[0].router
+    ids_T = router(x_BSD.reshape(-1, D)).topk_ids_TK[:, 0]
+    layer(x_BSD, attention_mask_BS=mask_BS)
+    layer(x_BSD, attention_mask_BS=mask_BS)
+    load_E = 2 * torch.bincount(ids_T[mask_BS.reshape(-1).bool()], minlength=4)
+    assert torch.equal(router.pending_load_E, load_E) and load_E.sum() == 34
+    layer.update_balancing()
+    want = 0.01 * torch.sign(load_E.float().mean() - load_E.float())
+    torch.testing.assert_close(router.e_score_correction_bias, want)
+    assert router.pending_load_E is None
+    layer.update_balancing()  # nothing counted since: no move
+    torch.testing.assert_close(router.e_score_correction_bias, want)
+
+
+def test_no_counting_in_eval_and_scope_by_modality():
+    layer = biased_layer("image")
+    x_BSD = torch.randn(1, 6, D)
+    layer.eval()(x_BSD)
+    assert layer.routes[0].router.pending_load_E is None
+    modality_BS = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT, IMAGE, TEXT]])
+    layer.train()(x_BSD, modality_BS)
+    assert layer.routes[0].router.pending_load_E.sum() == 3
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_counts_once(use_reentrant):
+    layer = biased_layer().train()
+    x_BSD = torch.randn(2, 5, D, requires_grad=True)
+    out = checkpoint(lambda x: layer(x).hidden_states, x_BSD, use_reentrant=use_reentrant)
+    out.sum().backward()
+    assert layer.routes[0].router.pending_load_E.sum() == 10
+    assert x_BSD.grad is not None
+
+
+def test_callback_calls_update_balancing_after_each_step():
+    calls = []
+
+    class Model:
+        def update_balancing(self):
+            calls.append(1)
+
+    BalancingCallback().on_step_end(None, None, None, model=Model())
+    assert calls == [1]
