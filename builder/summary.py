@@ -47,11 +47,11 @@ DEFAULT_CONTEXT = 2048
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float8": 1, "int8": 1}
 MODALITIES = ("text", "image")
 COUNTING = (
-    "Active = parameters one token uses: per pool all experts if a matching route is dense else the largest "
-    "matching top_k, routers of matching routes, everything else fully (input embedding included, also given "
-    "apart as language.embedding; vision and connector included), for the modality with the most (text on ties); "
-    "FLOPs = 2 x active matmul weights of the decoder (LM head included, embedding lookup not) + attention "
-    "against {context} keys."
+    "Active = parameters one token uses: per pool all experts if a matching route is dense (or soft) else the "
+    "most experts a matching route gives one token (top_k, tail_top_k, max_experts), routers of matching "
+    "routes, everything else fully (input embedding included, also given apart as language.embedding; vision "
+    "and connector included), for the modality with the most (text on ties); FLOPs = 2 x active matmul weights "
+    "of the decoder (LM head included, embedding lookup not) + attention against {context} keys."
 )
 
 
@@ -454,4 +454,8 @@ def format_table(summary: Summary) -> str:
         f"KV cache per token: {kv}",
         summary.counting,
     ]
+    for convention in PUBLISHED.values():
+        figures = convention.figures(summary)
+        lines.append(f"as {convention.system} counts: {_count(figures['total'])} total, "
+                     f"{_count(figures['activated'])} activated")
     return "\n".join(lines)
