@@ -213,10 +213,23 @@ def test_active_counts_the_modality_with_more_active_parameters():
     assert summary.active_params == summary.vision.total + summary.connector.total + summary.language.active
 
 
+def _two_routes(text_router: dict, image_router: dict) -> dict:
+    """Text and image tokens over one pool of 4 experts of 3 * 64 * 48, in 2 MoE layers (every_other of 4)."""
+    return _moe() | {"routes": [{"tokens": "text", "pool": "experts", "router": text_router},
+                                {"tokens": "image", "pool": "experts", "router": image_router}]}
+
+
 def test_two_routes_over_one_pool_count_the_larger_top_k_and_dense_counts_all():
-    ltdr = summarize(load_spec("micro-ltdr"))  # text top-2 and image top-2 over 4 experts of 3*128*256
-    assert ltdr.language.parts["experts.experts"].active == 2 * 2 * 3 * 128 * 256  # 2 MoE layers, 2 experts
-    assert ltdr.language.parts["routers"].active == 2 * 4 * 128  # one of the two routers per token
+    top2 = {"type": "topk", "top_k": 2}
+    summary = summarize(_tiny({"type": "llama"}, _two_routes(top2, top2)))
+    assert summary.language.parts["experts.experts"].active == 2 * 2 * 3 * 64 * 48  # 2 MoE layers, 2 experts
+    assert summary.language.parts["routers"].active == 2 * 4 * 64  # one of the two routers per token
+    # LTDR: an image tail token takes tail_top_k = 3 experts, so the image token is the most active
+    ltdr = summarize(_tiny({"type": "llama"}, _two_routes(
+        {"type": "deepspeed_top2"}, {"type": "dynamic_topk", "top_k": 2, "tail_top_k": 3})))
+    assert ltdr.active_modality == "image"
+    assert ltdr.language.parts["experts.experts"].active == 2 * 3 * 3 * 64 * 48
+    assert ltdr.language_by_modality["text"].parts["experts.experts"].active == 2 * 2 * 3 * 64 * 48
     moe = SHARED_PLUS_ROUTED | {"routes": [*SHARED_PLUS_ROUTED["routes"],
                                            {"tokens": "image", "pool": "routed", "router": {"type": "dense"}}]}
     summary = summarize(_tiny({"type": "llama"}, moe))
