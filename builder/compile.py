@@ -31,9 +31,9 @@ from .connectors import DownsampleMLPConnector as DownsampleMLP
 from .connectors import LinearConnector as Linear
 from .connectors import MLPConnector as MLP
 from .language import LanguageModel, make_hf_config
-from .moe import routers
 from .moe.build import DTYPES, MOE_BUILDERS, build_moe
 from .moe.experts import ExpertPool
+from .moe.routing import LinearRouter
 from .tiling import TiledConnector
 from .vision import VisionTower, build_vision_tower
 
@@ -155,7 +155,7 @@ def init_custom_weights(module: nn.Module, std: float) -> bool:
                 # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
                 init.copy_(param, param[:1].expand_as(param).clone())
         return True
-    if isinstance(module, routers.TopKRouter):
+    if isinstance(module, LinearRouter):
         init.normal_(module.weight, std=std)
         return True
     return False

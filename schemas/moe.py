@@ -95,6 +95,13 @@ class CurriculumSpec(SpecModel):
 RouterDtype = Literal["float32", "bfloat16", "float16"]
 
 
+class CorrectionBias(SpecModel):
+    """Aux-free balancing on the router itself: `bias: {update_rate: r}` is `bias: true` plus an aux_free_bias term with rate r over the route's tokens."""
+
+    update_rate: PositiveFloat = 0.001
+    """Update speed gamma of b_e += gamma * sign(mean load - load_e) after each optimiser step."""
+
+
 class TopKRouter(SpecModel):
     """Token-choice top-k: softmax (or sigmoid) scores over a pool, each token to its k best experts."""
 
@@ -110,8 +117,8 @@ class TopKRouter(SpecModel):
     """Renormalise each token's k weights to sum to 1."""
     scale: PositiveFloat = 1.0
     """Routed scaling factor applied to the weights (after normalisation, if any)."""
-    bias: bool = False
-    """A correction bias (buffer e_score_correction_bias) added to the scores for selection only (DeepSeek-V3 noaux_tc); moved by an aux_free_bias balancing term."""
+    bias: bool | CorrectionBias = False
+    """A correction bias (buffer e_score_correction_bias) added to the scores for selection only (DeepSeek-V3 noaux_tc); true = moved by an aux_free_bias balancing term (or fixed, as loaded, without one); {update_rate} = moved at that rate."""
     groups: GroupSpec | None = None
     """Group-limited selection; null = all experts selectable."""
     noise: NoiseSpec | None = None
@@ -323,9 +330,19 @@ class MoESpec(SpecModel):
         bias_terms = [term for term in self.balancing if term.type == "aux_free_bias"]
         if len(bias_terms) > 1:
             raise ValueError("at most one aux_free_bias term")
+        rates = {rate for rate, _ in self.router_bias_updates()}
+        if rates and bias_terms:
+            raise ValueError("give the bias update rate once: bias: {update_rate} on routers, or an aux_free_bias term")
         if bias_terms and not any(getattr(route.router, "bias", False) is True for route in self.routes):
             raise ValueError("aux_free_bias needs a route whose router has bias: true")
+        if len(rates) > 1:
+            raise ValueError(f"routers' bias update_rate values must agree, got {sorted(rates)}")
         return self
+
+    def router_bias_updates(self) -> list[tuple[float, str]]:
+        """(update rate, route tokens) of every router spelling its own bias update, `bias: {update_rate}`."""
+        return [(route.router.bias.update_rate, route.tokens) for route in self.routes
+                if isinstance(getattr(route.router, "bias", None), CorrectionBias)]
 
 
 def moe_layer_indices(layers: LayerPattern, num_layers: int) -> list[int]:

@@ -72,7 +72,7 @@ def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -
         capacity=build_capacity(node.capacity),
         num_groups=groups.num_groups if groups else 1,
         top_groups=groups.top_groups if groups else 1,
-        correction_bias=node.bias,
+        correction_bias=bool(node.bias),
         expert_dropout=node.expert_dropout,
         curriculum=(curriculum.start_k, curriculum.steps_per_k) if curriculum else None,
         router_dtype=DTYPES[node.dtype],
@@ -122,6 +122,10 @@ def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
         for route in node.routes
     ]
     terms = [build_balancing(term) for term in node.balancing]
+    updates = node.router_bias_updates()
+    if updates:  # `bias: {update_rate}` on routers: one bias term over the tokens those routes see
+        tokens = {t for _, t in updates}
+        terms.append(BiasBalancing(updates[0][0], tokens=tokens.pop() if len(tokens) == 1 else "all"))
     return MoELayer(routes, terms, pools)
 
 

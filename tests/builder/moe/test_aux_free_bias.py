@@ -68,3 +68,23 @@ def test_callback_calls_update_balancing_after_each_step():
 
     BalancingCallback().on_step_end(None, None, None, model=Model())
     assert calls == [1]
+
+
+def test_router_level_update_rate_is_the_aux_free_bias_term_spelt_on_the_router():
+    """DESIGN.md's `bias: {update_rate: r}` builds the same balancing as `bias: true` + an aux_free_bias term."""
+    from moebuild.moe.build import build_moe
+    from moebuild.schemas import MoESpec
+
+    def moe(router_bias, balancing):
+        return MoESpec.model_validate({
+            "pools": {"experts": {"num_experts": 4, "intermediate_size": 8}},
+            "routes": [{"tokens": "text", "pool": "experts",
+                        "router": {"type": "topk", "top_k": 1, "score": "sigmoid", "bias": router_bias}}],
+            "balancing": balancing,
+        })
+
+    spelt_on_router = build_moe(moe({"update_rate": 0.02}, []), hidden_size=D)
+    spelt_as_term = build_moe(moe(True, [{"type": "aux_free_bias", "rate": 0.02, "tokens": "text"}]), hidden_size=D)
+    assert spelt_on_router.bias_balancing == spelt_as_term.bias_balancing == [BiasBalancing(0.02, "text")]
+    with pytest.raises(ValueError, match="give the bias update rate once"):
+        moe({"update_rate": 0.02}, [{"type": "aux_free_bias", "rate": 0.02}])

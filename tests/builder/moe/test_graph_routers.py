@@ -240,7 +240,7 @@ def test_vl_moe_hard_routing_sends_image_tokens_only_to_the_vision_pool():
 
 def test_group_sizes_must_fill_the_pool():
     bad = {"tokens": "all", "pool": "experts", "router": {"type": "hierarchical", "groups": {"a": 1, "b": 2}}}
-    with pytest.raises(ValueError, match=r"hold 3 experts, the pool has 4"):
-        build(micro_spec([bad]))
+    with pytest.raises(ValueError, match=r"group sizes sum to 3, but pool 'experts' has 4 experts"):
+        micro_spec([bad])
     with pytest.raises(ValueError, match="smallest group"):
         micro_spec([{**bad, "router": {**bad["router"], "groups": {"a": 2, "b": 2}, "top_k": 3}}])
