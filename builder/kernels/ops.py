@@ -8,7 +8,7 @@ them with `register_autograd`.
 
 Every forward returns the same tensors, so one fake serves all backends. Their shapes depend only
 on the inputs' shapes: the sorted buffers have one row per slot (A = T*K), dropped slots (id -1)
-sorted last and never read.
+sorted last and never read (the torch backend zeroes those rows; the Triton one leaves them unset).
 
     forward(x_TD, weights_TK, ids_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED, gated, activation)
         -> y_TD, order_A (slots in expert order), counts_E, h_AR (pre-activation), y_AD (expert

@@ -1,0 +1,47 @@
+"""`moebuild bench moe` at tiny sizes: the JSON carries consistent values (timings are not checked)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from moebuild.cli import main
+
+ARGS = ["bench", "moe", "--experts", "4", "--top-k", "2", "--hidden", "32", "--intermediate", "16",
+        "--shared-experts", "8", "--tokens", "1", "--tokens", "5", "--backward", "--repeats", "1", "--json"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("moebuild.bench.MIN_SAMPLE_S", 0.0)  # one call per sample: values, not timings
+        result = CliRunner().invoke(main, ARGS)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_every_implementation_at_every_token_count(report):
+    impls = {"moebuild eager", "moebuild torch", "transformers eager", "transformers batched_mm",
+             "transformers grouped_mm", "dense"}
+    assert {(r["impl"], r["tokens"]) for r in report["results"]} == {(i, t) for i in impls for t in (1, 5)}
+    assert report["config"] == {"experts": 4, "top_k": 2, "hidden": 32, "intermediate": 16, "shared": 8,
+                                "dense_width": 2 * 16 + 8}
+    assert report["dtype"] == "float32" and report["device"] == "cpu"
+
+
+def test_outputs_agree_and_ratios_are_consistent(report):
+    rows = {(r["impl"], r["tokens"]): r for r in report["results"]}
+    for (impl, tokens), r in rows.items():
+        dense = rows["dense", tokens]
+        assert r["forward_vs_dense"] == pytest.approx(r["forward_ms"] / dense["forward_ms"])
+        assert r["forward_backward_vs_dense"] == pytest.approx(r["forward_backward_ms"] / dense["forward_backward_ms"])
+        assert r["forward_tokens_per_s"] == pytest.approx(tokens / r["forward_ms"] * 1e3)
+        if impl == "dense":
+            assert r["max_abs_diff"] is None
+        else:
+            assert r["max_abs_diff"] <= 1e-5, impl
+
+
+def test_top_k_above_experts_is_a_usage_error():
+    result = CliRunner().invoke(main, ["bench", "moe", "--experts", "2", "--top-k", "3"])
+    assert result.exit_code == 2 and "--top-k 3 exceeds --experts 2" in result.output
