@@ -146,6 +146,8 @@ class DeepSpeedTop2Router(SpecModel):
     """Selects this kind: deepspeed_top2."""
     capacity: CapacitySpec | None = None
     """Capacity factors (MoE-LLaVA: train 1.5, eval 2.0, min 0); drop must be by_position; null = dropless."""
+    eval_noise: bool = True
+    """Gumbel noise on the second choice in evaluation too, as DeepSpeed 0.9.5 does; false = deterministic evaluation (second-best logit)."""
     dtype: RouterDtype = "float32"
     """Precision of the router logits."""
 

@@ -52,11 +52,11 @@ def test_compile_on_meta_writes_config_and_spec_only(tmp_path):
 
 
 def test_compile_bad_spec_is_located_and_writes_nothing(tmp_path):
-    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--set", "moe.routes.0.router.top_k=9")
+    result = run("compile", "micro-deepseek-vl2", "-o", str(tmp_path / "m"), "--set", "moe.routes.1.router.top_k=17")
     assert result.exit_code == 1
     assert result.stderr.strip() == (
-        "<override 'moe.routes.0.router.top_k=9'>:1:27: error: moe.routes[0].router.top_k: "
-        "must be <= 4 (pool 'experts' has 4 experts)"
+        "<override 'moe.routes.1.router.top_k=17'>:1:27: error: moe.routes[1].router.top_k: "
+        "must be <= 16 (pool 'routed' has 16 experts)"
     )
     assert not (tmp_path / "m").exists()
 

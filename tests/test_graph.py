@@ -32,7 +32,7 @@ def test_micro_moe_llava():
     assert 'label="micro-moe-llava: MoE in decoder layers [0, 2] of 4"' in dot
     assert labels(dot) == {
         "tokens_all": "all tokens",
-        "router_0": r"topk\ntop_k: 2\nnormalize: True\ncapacity: {train: 1.5, eval: 2.0}",
+        "router_0": r"deepspeed_top2\ncapacity: {train: 1.5, eval: 2.0}",
         "pool_experts": r"experts\n4 experts x 256",
         "balance_0": r"switch_aux\ncoef: 0.01\nover all tokens",
     }

@@ -80,7 +80,8 @@ def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -
 
 
 def build_deepspeed_top2_router(node: DeepSpeedTop2Router, *, hidden_size: int, num_experts: int) -> nn.Module:
-    return DeepSpeedTop2Module(hidden_size, num_experts, build_capacity(node.capacity), router_dtype=DTYPES[node.dtype])
+    return DeepSpeedTop2Module(hidden_size, num_experts, build_capacity(node.capacity), eval_noise=node.eval_noise,
+                               router_dtype=DTYPES[node.dtype])
 
 
 def build_expert_choice_router(node: ExpertChoiceRouter, *, hidden_size: int, num_experts: int) -> nn.Module:

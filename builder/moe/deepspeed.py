@@ -27,6 +27,7 @@ class DeepSpeedTop2Router(LinearRouter):
         hidden_size: int,
         num_experts: int,
         capacity: Capacity | None = None,
+        eval_noise: bool = True,
         router_dtype: torch.dtype = torch.float32,
         init_std: float = 0.02,
         device: torch.device | str | None = None,
@@ -38,13 +39,18 @@ class DeepSpeedTop2Router(LinearRouter):
         if capacity is not None and capacity.policy != "by_position":
             raise ValueError("deepspeed_top2 drops by position (DeepSpeed's slot order)")
         self.num_experts, self.top_k, self.capacity = num_experts, 2, capacity
+        self.eval_noise = eval_noise
         self.sample_gumbel = gumbel_like  # the noise source; tests put written-out noise here
 
     def forward(self, x_TD: Tensor, tokens: RouteTokens | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
         gates_TE = logits_TE.softmax(dim=-1)
         first_T = gates_TE.argmax(dim=-1)
-        noisy_TE = (logits_TE + self.sample_gumbel(logits_TE)).scatter(1, first_T[:, None], float("-inf"))
+        if self.training or self.eval_noise:
+            logits_TE_for_second = logits_TE + self.sample_gumbel(logits_TE)
+        else:  # deterministic evaluation: the second-best logit
+            logits_TE_for_second = logits_TE
+        noisy_TE = logits_TE_for_second.scatter(1, first_T[:, None], float("-inf"))
         topk_ids_TK = torch.stack([first_T, noisy_TE.argmax(dim=-1)], dim=1)
         weights_TK = gates_TE.gather(1, topk_ids_TK)
         ids_TK, capacity = topk_ids_TK, None
@@ -58,4 +64,4 @@ class DeepSpeedTop2Router(LinearRouter):
         return Routing(weights_TK, ids_TK, topk_ids_TK, logits_TE, gates_TE, capacity)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, capacity={self.capacity}"
+        return f"num_experts={self.num_experts}, capacity={self.capacity}, eval_noise={self.eval_noise}"

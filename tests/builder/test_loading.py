@@ -128,8 +128,8 @@ def test_missing_base_file(tmp_path):
 def test_override_forms():
     data = resolve_spec("micro-moe-llava", [
         "moe.pools.experts.num_experts=8",  # change
-        "moe.routes[0].router.top_k=1",  # [i] index
-        "moe.routes.0.router.score=sigmoid",  # .i index
+        "moe.routes[0].router.dtype=bfloat16",  # [i] index
+        "moe.routes.0.router.eval_noise=false",  # .i index
         "+moe.pools.shared={num_experts: 2, intermediate_size: 64}",  # add a mapping
         "++language.num_layers=2",  # set existing
         "++vision.pretrained=null",  # set (exists as key? either way)
@@ -140,7 +140,7 @@ def test_override_forms():
     moe = data["moe"]
     assert moe["pools"]["experts"]["num_experts"] == 8
     assert moe["pools"]["shared"] == {"num_experts": 2, "intermediate_size": 64}
-    assert moe["routes"][0]["router"]["top_k"] == 1 and moe["routes"][0]["router"]["score"] == "sigmoid"
+    assert moe["routes"][0]["router"]["dtype"] == "bfloat16" and moe["routes"][0]["router"]["eval_noise"] is False
     assert moe["routes"][0]["router"]["capacity"] == {"train": 2.0, "eval": 2.0, "min": 0}
     assert moe["layers"] == [0, 2] and "balancing" not in moe
     assert data["language"]["num_layers"] == 2 and data["vision"]["pretrained"] is None
@@ -153,9 +153,9 @@ def test_override_value_error_names_the_override():
 
 
 def test_override_cross_field_error_names_the_override():
-    (line,) = errors("micro-moe-llava", ["moe.routes.0.router.top_k=5"])
-    assert line.startswith("<override 'moe.routes.0.router.top_k=5'>:1:27: error: moe.routes[0].router.top_k: ")
-    assert "4" in line
+    (line,) = errors("micro-deepseek-vl2", ["moe.routes.1.router.top_k=17"])
+    assert line == ("<override 'moe.routes.1.router.top_k=17'>:1:27: error: moe.routes[1].router.top_k: "
+                    "must be <= 16 (pool 'routed' has 16 experts)")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -253,7 +253,7 @@ def test_plain_union_reports_the_member_that_fits(tmp_path):
 
 
 def test_change_a_key_left_to_its_default():
-    data = resolve_spec("micro-moe-llava", ["moe.dispatch.backend=torch", "moe.routes.0.router.scale=2.5"])
+    data = resolve_spec("micro-moe-llava", ["moe.dispatch.backend=torch", "moe.routes.0.router.eval_noise=false"])
     assert data["moe"]["dispatch"] == {"backend": "torch"}
-    assert data["moe"]["routes"][0]["router"]["scale"] == 2.5
+    assert data["moe"]["routes"][0]["router"]["eval_noise"] is False
     assert load_spec("micro-moe-llava", ["moe.dispatch.backend=torch"]).moe.dispatch.backend == "torch"

@@ -59,7 +59,7 @@ def all_comparisons(device: str) -> dict[str, dict]:
 def comparisons() -> dict[str, dict]:
     if torch.cuda.is_available():
         sys.path.insert(0, str(Path(__file__).parent))
-        return all_comparisons("cuda")
+        return all_comparisons("cuda") | {"triton modules imported by import moebuild": []}
     env = os.environ | {"TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,6 +80,13 @@ def test_triton_half_precision_close_to_fp32_eager(comparisons, dtype):
         assert diff <= 3e-2 * max(scale, 1e-3), (name, diff, scale)
 
 
+def test_import_moebuild_does_not_import_the_triton_modules(comparisons):
+    assert comparisons["triton modules imported by import moebuild"] == []
+
+
 if __name__ == "__main__":
+    import moebuild.moe  # noqa: F401  (the whole runtime, as a user imports it)
+
+    eager = [name for name in sys.modules if name.startswith("moebuild.kernels.triton")]
     sys.path.insert(0, str(Path(__file__).parent))
-    print(json.dumps(all_comparisons("cpu")))
+    print(json.dumps(all_comparisons("cpu") | {"triton modules imported by import moebuild": eager}))

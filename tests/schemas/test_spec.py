@@ -60,9 +60,9 @@ def test_layer_patterns(layers, expected):
 
 
 def test_top_k_above_pool_size():
-    data = _edit(LLAVA, lambda d: d["moe"]["routes"][0]["router"].update(top_k=5))
+    data = _edit(DSVL2, lambda d: d["moe"]["routes"][1]["router"].update(top_k=17))
     assert _problems(data) == [
-        (("moe", "routes", 0, "router", "top_k"), "must be <= 4 (pool 'experts' has 4 experts)")
+        (("moe", "routes", 1, "router", "top_k"), "must be <= 16 (pool 'routed' has 16 experts)")
     ]
 
 
@@ -124,7 +124,7 @@ def test_balancing_term_needs_a_routed_route_not_a_dense_one():
 def test_unknown_key_is_an_error():
     data = _edit(LLAVA, lambda d: d["moe"]["routes"][0]["router"].update(tpo_k=2))
     ((loc, msg),) = _problems(data)
-    assert loc == ("moe", "routes", 0, "router", "topk", "tpo_k") and msg == "Extra inputs are not permitted"
+    assert loc == ("moe", "routes", 0, "router", "deepspeed_top2", "tpo_k") and msg == "Extra inputs are not permitted"
 
 
 def test_unknown_router_type():

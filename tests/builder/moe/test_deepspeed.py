@@ -69,6 +69,15 @@ def test_evaluation_keeps_the_noise_and_switches_the_capacity_factor():
     torch.testing.assert_close(routing.weights_TK[3], torch.tensor([g[3][1], g[3][2]]) / (g[3][1] + g[3][2]))
 
 
+def test_eval_noise_off_takes_the_second_best_logit():
+    router = worked_router()
+    router.eval_noise = False
+    routing = router.eval()(LOGITS_TE)
+    # Without noise the second choices are t0: 1, t1: 2, t2: 1, t3: 2 (the comments above).
+    assert routing.ids_TK.tolist() == [[0, 1], [0, 2], [0, 1], [1, 2]]
+    assert router.train()(LOGITS_TE).topk_ids_TK.tolist() == WANT_TOPK  # training keeps the noise
+
+
 def test_min_capacity_and_dropless():
     routing = worked_router(Capacity(train=0.75, eval=2.0, min=3)).train()(LOGITS_TE)
     assert routing.capacity == 3 and routing.ids_TK.tolist() == [[0, 2], [0, 2], [0, 2], [1, -1]]
