@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .tiling import tiled_token_count
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
@@ -181,10 +183,7 @@ class TiledImageProcessor:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        s = self.tile_token_side
-        cols, rows = grid
-        local = (rows * s) * (cols * s + 1)
-        return s * (s + 1) + 1 + local if self.global_view else local
+        return tiled_token_count(self.tile_token_side, grid, self.global_view)
 
     def views(self, image: Image.Image, grid: tuple[int, int]) -> list[torch.Tensor]:
         tile = self.tile_size
