@@ -1,5 +1,7 @@
 """Expert dispatch kernels, each beside the pure-PyTorch reference it must equal.
 
-All share `fn(x_TD, weights_TK, ids_TK, pool) -> y_TD`; Triton is imported only inside its own
-module, lazily, so CPU installs never need it.
+reference.py: the per-expert loop (ground truth); torch_sorted.py: the sort-based CPU path;
+triton_kernels.py / triton_dispatch.py: the Triton kernels and their launchers; ops.py: the
+custom-op wrapping (fake kernels, autograd) and the sort metadata both fast paths share.
+Triton is imported only by the triton_* modules, on first use of the "triton" backend.
 """

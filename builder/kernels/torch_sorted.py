@@ -6,19 +6,19 @@ projections and for the backward, run each expert on its contiguous slice, then 
 K weighted outputs. Registered through `ops.define_experts_op`, so `torch.compile` sees one
 opaque op and autograd one node for the whole pool.
 
-What was measured, in one process on the project's 2-core CPU (torch 2.13, fp32, 2 threads),
-against the autograd-traced version of the same loop (the previous `sorted_dispatch`):
-- Per-expert `mm` on pre-split 2-D weight views, not `F.grouped_mm`: grouped_mm is a tie at best
-  on CPU (cpu-dispatch-notes.md finding 2), needs 16-byte-aligned strides and rejects stride-0
-  gradients (finding 3).
-- Writing each expert's matmul with `out=` into one [A, .] buffer and the weight gradients
-  straight into one [E, ...] tensor removes the `cat` of the chunks and autograd's per-expert
-  `unbind` backward, which stacks E gradients into a fresh zero tensor.
-- The backward keeps the pre-activation `h_AR` and recomputes the activation per expert
-  (one elementwise pass, cache-hot) instead of saving it; the gathered input is gathered again
-  rather than kept, so saved memory is below a dense SwiGLU's.
-- The combine and its backward are `index_add_` into [T, D] (deterministic on CPU), one pass,
-  rather than an inverse-permutation gather to [T, K, D] followed by a sum.
+Choices, and what was measured for them on the project's 2-core CPU (torch 2.13, fp32), with
+other processes on the same cores:
+- Per-expert `mm` on 2-D views of the stacked weights, not `F.grouped_mm`: grouped_mm was a tie
+  at best on CPU (cpu-dispatch-notes.md finding 2), needs 16-byte-aligned strides and rejects
+  stride-0 gradients (finding 3). The weights are never indexed through autograd (finding 1).
+- One custom op for the whole pool, with a hand-written backward: each expert's matmuls write
+  with `out=` into one [A, .] buffer and the weight gradients straight into one [E, ...] tensor,
+  so there is no `cat` of chunks and no per-expert `unbind` backward.
+- Experts spread over single-threaded workers (`run_experts`): config B's layer (2048 tokens,
+  fwd+bwd) went from 5.6x to 1.4x the dense equivalent under the same load.
+- The backward keeps only the pre-activation `h_AR` and recomputes the activation per expert
+  (cache-hot), and gathers the input again rather than keeping it; at config B, 2048 tokens, one
+  thread, everything but the matmuls (gathers, combine, activations) was ~15% of the time.
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
@@ -94,11 +94,13 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
     forward): 2 threads inside each mm 1376-2578 ms, experts over 2 single-threaded workers
     894-1066 ms. Each matmul's parallel region ends at a barrier that waits for a preempted
     thread; the workers take experts from a queue (largest first) and never wait on each other.
-    Intra-op threads are set to 1 for the loop and restored after; with fewer experts than
-    twice the threads, or on one thread, the loop stays plain.
+    Intra-op threads are set to 1 for the loop and restored after. The loop stays plain on one
+    thread, with fewer experts than twice the threads, or under 64 rows (decode): switching the
+    thread count costs more than it saves there (config B, 1 token, forward: 10.1 ms with the
+    workers, 6.6 ms without).
     """
     threads = torch.get_num_threads()
-    if threads == 1 or len(spans) < 2 * threads:
+    if threads == 1 or len(spans) < 2 * threads or spans[-1][2] < 64:
         for span in spans:
             expert(*span)
         return
@@ -139,6 +141,7 @@ def sorted_forward(
     h_AR = x_TD.new_empty(T * K, w_in_ERD.shape[1])
     y_AD = x_TD.new_empty(T * K, x_TD.shape[1])
     h_AR[kept:], y_AD[kept:] = 0, 0  # dropped slots' rows: never read, zeroed to keep the op deterministic
+
     def expert(e: int, start: int, end: int) -> None:
         h_NR = h_AR[start:end]
         _linear_into(h_NR, x_AD[start:end], w_in_ERD[e].t(), None if b_in_ER is None else b_in_ER[e])
@@ -171,6 +174,7 @@ def sorted_backward(
     empty = [e for e, count in enumerate(counts_E.tolist()) if not count]
     dw_in, dw_out = _zeros_where_empty(w_in_ERD, empty), _zeros_where_empty(w_out_EDI, empty)
     db_in, db_out = _bias_grad(b_in_ER, empty, x_TD), _bias_grad(b_out_ED, empty, x_TD)
+
     def expert(e: int, start: int, end: int) -> None:
         dy_ND = dy_AD[start:end]
         a_NI, dh_NR = activate_backward(h_AR[start:end], dy_ND @ w_out_EDI[e], gated, activation)

@@ -49,6 +49,8 @@ CASES = {
     "gated_bias": (10, 3, 2, {"bias": True}, "dropped"),
     "fc_gelu_bias": (10, 3, 2, {"gated": False, "bias": True, "activation": "gelu_new"}, "dropped"),
     "fc_relu": (8, 4, 2, {"gated": False, "activation": "relu"}, "random"),
+    # >= 64 rows over >= 4 experts: the torch backend's worker-thread path (torch_sorted.run_experts)
+    "many_rows": (40, 6, 2, {"bias": True}, "random"),
 }
 
 
