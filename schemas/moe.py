@@ -310,7 +310,7 @@ class DispatchSpec(SpecModel):
     """How tokens reach their experts' weights."""
 
     backend: Literal["auto", "triton", "torch", "eager"] = "auto"
-    """auto = the fastest backend for the device (triton on CUDA, the sort-based torch path elsewhere); eager = the per-expert reference loop."""
+    """auto = the sort-based torch path (Triton becomes the CUDA default once verified on a GPU); triton = the Triton kernels, opt-in; eager = the per-expert reference loop."""
 
 
 class MoESpec(SpecModel):

@@ -2,7 +2,9 @@
 
 "eager" is the per-expert reference loop, "torch" the sort-based pure-PyTorch custom op (the
 fast CPU path), "triton" the Triton kernels (imported on first use only, so CPU installs never
-import triton); "auto" picks triton on CUDA and the torch path elsewhere.
+import triton); "auto" picks the torch path everywhere for now: the Triton kernels are checked
+only under TRITON_INTERPRET on CPU, and become the CUDA default once a GPU run has verified and
+timed them natively (issue 7).
 """
 
 from collections.abc import Callable
@@ -29,7 +31,7 @@ BACKENDS: dict[str, DispatchFn] = {
 }
 
 # device type -> backend used by "auto"; any device not listed uses AUTO_DEFAULT.
-AUTO: dict[str, str] = {"cuda": "triton"}
+AUTO: dict[str, str] = {}  # {"cuda": "triton"} once the kernels are verified on a GPU
 AUTO_DEFAULT = "torch"
 
 
