@@ -69,7 +69,8 @@ class DynamicTopKRouter(LinearRouter):
         tokens = tokens or RouteTokens.single(x_TD.shape[0], x_TD.device)
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        rpv_T = probs_TE.var(dim=-1, unbiased=False)
+        # population variance across experts, written out: torch.var warns on an empty route (decode)
+        rpv_T = (probs_TE - probs_TE.mean(dim=-1, keepdim=True)).square().mean(dim=-1)
         mean_rpv = (rpv_T * tokens.valid_T).sum() / tokens.valid_T.sum().clamp_min(1)
         tail_T = (rpv_T > mean_rpv) & tokens.valid_T
         k_T = torch.where(tail_T, self.tail_top_k, self.top_k)
