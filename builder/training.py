@@ -25,11 +25,15 @@ def apply_stage(model, stage: str) -> dict[str, int]:
     patterns = stages[stage].trainable
     moe_prefixes = _moe_prefixes(model)
     counts = {"vision": 0, "connector": 0, "language": 0, "moe": 0}
+    unmatched = set(patterns)
     for name, param in model.named_parameters():
         in_moe = any(name.startswith(prefix + ".") for prefix in moe_prefixes)
-        param.requires_grad_(any(
-            (name.startswith(p + ".") or fnmatch(name, p)) if p != "moe" else in_moe for p in patterns
-        ))
+        hits = {p for p in patterns if (in_moe if p == "moe" else name.startswith(p + ".") or fnmatch(name, p))}
+        unmatched -= hits
+        param.requires_grad_(bool(hits))
         if param.requires_grad:
             counts["moe" if in_moe else name.split(".", 1)[0]] += param.numel()
+    if unmatched:  # a pattern that trains nothing is a mistake, never silently ignored
+        raise ValueError(f"training stage {stage!r}: {', '.join(sorted(unmatched))} matches no parameter "
+                         "(use a component, moe, or a glob over parameter names such as language.model.layers.*.mlp.*)")
     return counts

@@ -150,9 +150,23 @@ def test_stage_training_freezes_what_the_stage_does_not_name():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"connector"}
 
 
+def test_stage_pattern_that_matches_nothing_is_an_error():
+    model = build(moebuild.load_spec("micro-moe-llava", overrides=["training.stages.2.trainable=[language.*.moe]"]))
+    with pytest.raises(ValueError, match=r"training stage 'moe': language.\*.moe matches no parameter"):
+        model.trainable_for_stage("moe")
+
+
 def test_upcycled_experts_start_identical():
     model = build("micro-moe-llava")
     pool = model.language.layers[0].mlp.pools["experts"]
     assert torch.equal(pool.gate_up_proj[0], pool.gate_up_proj[3])
     assert not torch.equal(model.language.layers[0].mlp.pools["experts"].gate_up_proj,
                            model.language.layers[2].mlp.pools["experts"].gate_up_proj)
+
+
+@pytest.mark.parametrize("name", [n for n in moebuild.list_presets() if moebuild.load_spec(n).training])
+def test_every_preset_stage_trains_something_it_names(name):
+    model = build(name, device="meta")
+    for stage in model.spec.training.stages:
+        counts = model.trainable_for_stage(stage.name)
+        assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
