@@ -6,29 +6,13 @@ Lines follow the compiler convention (GCC / Clang) that editors and CI annotator
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+# One implementation for the schema rules and the loader; re-exported here for the builder.
+from moebuild.schemas.base import did_you_mean, format_path  # noqa: F401  (did_you_mean: re-export)
+
 SpecPath = tuple[str | int, ...]
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """``("moe", "routes", 0, "top_k")`` -> ``moe.routes[0].top_k``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def did_you_mean(word: object, candidates: Iterable[object]) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
-    names = [str(c) for c in candidates]
-    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 @dataclass(frozen=True)

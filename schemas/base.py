@@ -6,6 +6,8 @@ attribute docstring under each field becomes its description in the JSON Schema.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -32,11 +34,18 @@ class CrossFieldError(ValueError):
 
     def __init__(self, problems: list[tuple[Path, str]]):
         self.problems = problems
-        super().__init__("; ".join(f"{_dotted(path)}: {msg}" for path, msg in problems))
+        super().__init__("; ".join(f"{format_path(path)}: {msg}" for path, msg in problems))
 
 
-def _dotted(path: Path) -> str:
+def format_path(path: Path) -> str:
+    """``("moe", "routes", 0, "top_k")`` -> ``moe.routes[0].top_k``."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+def did_you_mean(word: object, candidates: Iterable[object]) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

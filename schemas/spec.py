@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Literal
 
 from pydantic import Field, NonNegativeInt, model_validator
 
-from .base import CrossFieldError, Path, SpecModel
+from .base import CrossFieldError, Path, SpecModel, did_you_mean
 from .connector import ConnectorSpec
 from .language import LanguageSpec
 from .moe import MoESpec, moe_layer_indices
@@ -68,11 +67,6 @@ class ModelSpec(SpecModel):
         return self
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     lang = spec.language
     if lang.attention.type == "mla" and lang.type != "deepseek_v2":
@@ -97,7 +91,7 @@ def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     for i, route in enumerate(moe.routes):
         pool = moe.pools.get(route.pool)
         if pool is None:
-            hint = _did_you_mean(route.pool, moe.pools) or f" (pools: {', '.join(moe.pools)})"
+            hint = did_you_mean(route.pool, moe.pools) or f" (pools: {', '.join(moe.pools)})"
             problems.append((("moe", "routes", i, "pool"), f"no pool named '{route.pool}'{hint}"))
         else:
             problems += _router_fits_pool(route.router, route.pool, pool.num_experts, ("moe", "routes", i, "router"))
@@ -165,7 +159,7 @@ def _training_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
             if root not in TRAINABLE_ROOTS:
                 problems.append((("training", "stages", i, "trainable", j),
                                  f"unknown component '{root}' (expected one of {', '.join(TRAINABLE_ROOTS)})"
-                                 f"{_did_you_mean(root, TRAINABLE_ROOTS)}"))
+                                 f"{did_you_mean(root, TRAINABLE_ROOTS)}"))
             elif root == "moe" and spec.moe is None:
                 problems.append((("training", "stages", i, "trainable", j), "the spec has no moe section"))
     return problems
