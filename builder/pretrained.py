@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from moebuild.schemas import ModelSpec
 
 from .moe.experts import ExpertPool
+from .moe.layer import MoELayer
 
 # Dense FFN tensor names in a transformers checkpoint -> how they stack into a pool.
 _GATED_FFN = ("gate_proj", "up_proj", "down_proj")
@@ -54,8 +55,12 @@ def load_pretrained_parts(model, spec: ModelSpec) -> None:
 
 
 def load_vision(tower, path: str) -> None:
+    # transformers 5 saves a CLIPVisionModel / SiglipVisionModel flat (`embeddings.*`); released
+    # CLIP / SigLIP checkpoints keep the tower under `vision_model.` beside `text_model.`.
+    state = read_safetensors_dir(path)
     prefix = "vision_model."
-    state = {k: v for k, v in read_safetensors_dir(path).items() if k.startswith(prefix)}
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     _load_exact(tower.vision_model, state, path)
 
 
@@ -82,7 +87,7 @@ def load_language(language, path: str) -> None:
 
 
 def _is_moe(mlp) -> bool:
-    return hasattr(mlp, "pools")
+    return isinstance(mlp, MoELayer)
 
 
 def _under_moe(language, key: str) -> bool:

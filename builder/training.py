@@ -11,10 +11,12 @@ from fnmatch import fnmatch
 
 from torch import nn
 
+from .moe.layer import MoELayer
+
 
 def _moe_prefixes(model: nn.Module) -> list[str]:
     """Names of the MoE layers (modules holding expert pools and routes)."""
-    return [name for name, module in model.named_modules() if hasattr(module, "pools") and hasattr(module, "routes")]
+    return [name for name, module in model.named_modules() if isinstance(module, MoELayer)]
 
 
 def apply_stage(model, stage: str) -> dict[str, int]:

@@ -1,0 +1,73 @@
+"""`pretrained:` checkpoints: strict loading, and the dense FFN upcycled into every expert."""
+
+import pytest
+import torch
+from transformers import CLIPVisionModel, StableLmForCausalLM
+
+import moebuild
+from moebuild.compile import build, language_hf_config
+from moebuild.pretrained import CheckpointError
+from moebuild.vision import _vision_config
+
+
+@pytest.fixture(scope="module")
+def language_dir(tmp_path_factory):
+    spec = moebuild.load_spec("micro-moe-llava")
+    torch.manual_seed(1)
+    dense = StableLmForCausalLM(language_hf_config(spec.language))
+    path = tmp_path_factory.mktemp("stablelm")
+    dense.save_pretrained(path)
+    return path, dense.state_dict()
+
+
+def test_language_checkpoint_loads_and_upcycles_the_dense_ffn(language_dir):
+    path, dense = language_dir
+    model = build(moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={path}"]))
+    own = model.language.state_dict()
+    for key, tensor in dense.items():
+        if ".mlp." not in key or key.startswith("model.layers.1.") or key.startswith("model.layers.3."):
+            assert torch.equal(own[key], tensor), key  # everything but the MoE layers' FFNs, as saved
+    for layer in (0, 2):  # MoE layers: every expert is the layer's dense FFN
+        pool = model.language.layers[layer].mlp.pools["experts"]
+        gate, up, down = (dense[f"model.layers.{layer}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+        for e in range(4):
+            assert torch.equal(pool.gate_up_proj[e], torch.cat([gate, up]))
+            assert torch.equal(pool.down_proj[e], down)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_keys(language_dir, tmp_path):
+    path, _ = language_dir
+    spec = moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={path}", "language.num_layers=3"])
+    with pytest.raises(CheckpointError, match=r"unexpected: model\.layers\.3\."):
+        build(spec)
+    with pytest.raises(CheckpointError, match="no .safetensors files"):
+        build(moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={tmp_path}"]))
+
+
+def test_vision_checkpoint_loads(tmp_path):
+    spec = moebuild.load_spec("micro-moe-llava")
+    v = spec.vision
+    config = _vision_config("clip", True, image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                            num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                            intermediate_size=v.intermediate_size, hidden_act=v.hidden_act,
+                            layer_norm_eps=v.layer_norm_eps)
+    torch.manual_seed(2)
+    tower = CLIPVisionModel(config)
+    tower.save_pretrained(tmp_path)
+    model = build(moebuild.load_spec("micro-moe-llava", overrides=[f"vision.pretrained={tmp_path}"]))
+    for key, tensor in tower.state_dict().items():
+        assert torch.equal(model.vision.vision_model.state_dict()[key], tensor), key
+
+
+def test_vision_weights_under_a_full_clip_prefix_load(tmp_path):
+    """Released CLIP checkpoints hold `vision_model.*` beside `text_model.*`."""
+    from safetensors.torch import save_file
+
+    model = build("micro-moe-llava")
+    torch.manual_seed(3)
+    state = {f"vision_model.{k}": torch.randn_like(v) for k, v in model.vision.vision_model.state_dict().items()}
+    state["text_model.embeddings.token_embedding.weight"] = torch.zeros(4, 4)
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = build(moebuild.load_spec("micro-moe-llava", overrides=[f"vision.pretrained={tmp_path}"]))
+    for key, tensor in loaded.vision.vision_model.state_dict().items():
+        assert torch.equal(tensor, state[f"vision_model.{key}"]), key
