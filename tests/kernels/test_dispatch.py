@@ -122,3 +122,24 @@ def test_auto_backend_and_unknown_name():
     assert get_dispatch("triton", torch.device("cuda")) is BACKENDS["triton"]
     with pytest.raises(ValueError, match="unknown dispatch backend 'cuda_magic'"):
         get_dispatch("cuda_magic", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
+def test_torch_backend_decode_step_matches_per_token_loop(pool_kwargs, monkeypatch):
+    """One token under no_grad takes torch_sorted.single_token_forward, never the sorted op."""
+    from moebuild.kernels import torch_sorted
+
+    def sorted_op_not_expected(*args):
+        raise AssertionError("a decode step went through the sorted op")
+
+    g = torch.Generator().manual_seed(3)
+    pool = ExpertPool(5, 12, 10, **pool_kwargs)
+    for p in pool.parameters():
+        p.data.normal_(0, 0.3, generator=g)
+    x_TD, weights_TK = torch.randn(1, 12, generator=g), torch.rand(1, 3, generator=g)
+    ids_TK = torch.tensor([[4, -1, 1]])  # one slot dropped
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    monkeypatch.setattr(torch_sorted, "_sorted_op_dispatch", sorted_op_not_expected)
+    with torch.no_grad():
+        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
