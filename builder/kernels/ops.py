@@ -6,13 +6,15 @@ registers them as opaque custom ops, with fake (meta) implementations so `torch.
 a layer that calls them (fullgraph, no graph break on the data-dependent expert loop), and links
 them with `register_autograd`.
 
-Every forward returns the same tensors, so one fake serves all backends. Their shapes depend only
-on the inputs' shapes: the sorted buffers have one row per slot (A = T*K), dropped slots (id -1)
-sorted last and never read (the torch backend zeroes those rows; the Triton one leaves them unset).
+Every forward returns the same tensors, whose shapes depend only on the inputs' shapes: the sorted
+buffers have one row per slot (A = T*K), dropped slots (id -1) sorted last and never read (the
+torch backend zeroes those rows; the Triton one leaves them unset). A backend whose backward
+needs no expert outputs (the torch one recomputes the gate-weight gradient from `h_AR`) returns a
+0-row `y_AD` and says so when it registers (`keeps_expert_outputs=False`).
 
     forward(x_TD, weights_TK, ids_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED, gated, activation)
         -> y_TD, order_A (slots in expert order), counts_E, h_AR (pre-activation), y_AD (expert
-           outputs in expert order, before the gate weight)
+           outputs in expert order, before the gate weight; 0 rows if the backward needs none)
     backward(grad_TD, x_TD, weights_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED,
              order_A, counts_E, h_AR, y_AD, gated, activation)
         -> dx_TD, dweights_TK, dw_in, db_in, dw_out, db_out (a bias gradient is empty when the
@@ -28,15 +30,18 @@ import torch
 from torch import Tensor
 
 
-def _forward_fake(x_TD, weights_TK, ids_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED, gated, activation):
-    A, R = ids_TK.numel(), w_in_ERD.shape[1]
-    return (
-        torch.empty_like(x_TD),
-        ids_TK.new_empty(A, dtype=torch.int64),
-        ids_TK.new_empty(w_in_ERD.shape[0], dtype=torch.int64),
-        x_TD.new_empty(A, R),
-        x_TD.new_empty(A, x_TD.shape[1]),
-    )
+def _forward_fake(keeps_expert_outputs: bool) -> Callable:
+    def fake(x_TD, weights_TK, ids_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED, gated, activation):
+        A, R = ids_TK.numel(), w_in_ERD.shape[1]
+        return (
+            torch.empty_like(x_TD),
+            ids_TK.new_empty(A, dtype=torch.int64),
+            ids_TK.new_empty(w_in_ERD.shape[0], dtype=torch.int64),
+            x_TD.new_empty(A, R),
+            x_TD.new_empty(A if keeps_expert_outputs else 0, x_TD.shape[1]),
+        )
+
+    return fake
 
 
 def _backward_fake(grad_TD, x_TD, weights_TK, w_in_ERD, b_in_ER, w_out_EDI, b_out_ED,
@@ -61,12 +66,12 @@ def _setup_context(ctx, inputs, output):
     ctx.gated, ctx.activation = gated, activation
 
 
-def define_experts_op(name: str, forward: Callable, backward: Callable):
+def define_experts_op(name: str, forward: Callable, backward: Callable, keeps_expert_outputs: bool = True):
     """Register `moebuild::<name>` and `moebuild::<name>_backward`; returns the forward op."""
     backward_op = torch.library.custom_op(f"moebuild::{name}_backward", backward, mutates_args=())
     backward_op.register_fake(_backward_fake)
     forward_op = torch.library.custom_op(f"moebuild::{name}", forward, mutates_args=())
-    forward_op.register_fake(_forward_fake)
+    forward_op.register_fake(_forward_fake(keeps_expert_outputs))
 
     def grads(ctx, grad_TD, *_):
         saved = ctx.saved_tensors

@@ -20,8 +20,11 @@ other processes on the same cores:
   (cache-hot), and gathers the input again rather than keeping it.
 - Everything per row happens inside the expert's task, on its N rows while they are in cache:
   the gathers of x and of the incoming gradient, the gate weighting, the gate-weight gradient.
-  The only A-row buffers are the saved `h_AR` and `y_AD`, the weighted outputs and the input
-  gradient before their scatter-add, all advised to huge pages (`memory.py`). Config B, fwd+bwd
+  The only A-row buffers are the saved `h_AR`, the weighted outputs and the input gradient
+  before their scatter-add, all advised to huge pages (`memory.py`). The expert outputs are not
+  kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a> from the recomputed
+  activation, which halves what a layer saves for the backward at config B (A x 2I floats, not
+  A x (2I + D)). Config B, fwd+bwd
   of the routed pool alone, time beyond its matmuls: 140 + 500 ms at 2048 tokens with A-row
   gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from
   3650 to 2530 ms (medians of 5 to 15, interleaved in one process).
@@ -148,21 +151,21 @@ def sorted_forward(
     kept = spans[-1][2] if spans else 0
     tok_A = order_A[:kept] // K
     gate_A1 = weights_TK.reshape(-1)[order_A[:kept], None].to(x_TD.dtype)
-    h_AR, y_AD = empty_huge((T * K, R), x_TD), empty_huge((T * K, D), x_TD)
-    h_AR[kept:], y_AD[kept:] = 0, 0  # dropped slots' rows: never read, zeroed to keep the op deterministic
+    h_AR = empty_huge((T * K, R), x_TD)
+    h_AR[kept:] = 0  # dropped slots' rows: never read, zeroed to keep the op deterministic
     weighted_AD = empty_huge((kept, D), x_TD)
 
     def expert(e: int, start: int, end: int) -> None:
-        h_NR, y_ND = h_AR[start:end], y_AD[start:end]
+        h_NR = h_AR[start:end]
         x_ND = x_TD.index_select(0, tok_A[start:end])
         _linear_into(h_NR, x_ND, w_in_ERD[e].t(), None if b_in_ER is None else b_in_ER[e])
         a_NI = activate(h_NR, gated, activation)
-        _linear_into(y_ND, a_NI, w_out_EDI[e].t(), None if b_out_ED is None else b_out_ED[e])
-        torch.mul(y_ND, gate_A1[start:end], out=weighted_AD[start:end])  # while y_ND is in cache
+        y_ND = F.linear(a_NI, w_out_EDI[e], None if b_out_ED is None else b_out_ED[e])
+        torch.mul(y_ND, gate_A1[start:end], out=weighted_AD[start:end])
 
     run_experts(expert, spans)
     y_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, weighted_AD)
-    return y_TD, order_A, counts_E, h_AR, y_AD
+    return y_TD, order_A, counts_E, h_AR, x_TD.new_empty(0, D)  # no expert outputs kept
 
 
 def sorted_backward(
@@ -183,18 +186,21 @@ def sorted_backward(
     db_in, db_out = _bias_grad(b_in_ER, empty, x_TD), _bias_grad(b_out_ED, empty, x_TD)
 
     def expert(e: int, start: int, end: int) -> None:
-        dy_ND = grad_TD.index_select(0, tok_A[start:end])
-        # d gate weight = <grad of the token, unweighted expert output>, then the gate scales dy.
-        torch.linalg.vecdot(dy_ND, y_AD[start:end], out=dgate_A[start:end])
-        dy_ND.mul_(gate_A1[start:end])
-        a_NI, dh_NR = activate_backward(h_AR[start:end], dy_ND @ w_out_EDI[e], gated, activation)
-        torch.mm(dy_ND.t(), a_NI, out=dw_out[e])
-        torch.mm(dh_NR.t(), x_TD.index_select(0, tok_A[start:end]), out=dw_in[e])
+        rows, gate_N1 = tok_A[start:end], gate_A1[start:end]
+        dy_ND = grad_TD.index_select(0, rows)
+        da_NI = dy_ND @ w_out_EDI[e]  # of the unweighted output; the gate scales everything below
+        a_NI, dh_NR = activate_backward(h_AR[start:end], da_NI, gated, activation)
+        # d gate = <dy, expert output> = <dy W_out, a> (+ <dy, b_out>): no expert output kept.
+        torch.linalg.vecdot(da_NI, a_NI, out=dgate_A[start:end])
+        if b_out_ED is not None:
+            dgate_A[start:end] += dy_ND @ b_out_ED[e]
+            torch.mm(gate_N1.t(), dy_ND, out=db_out[e][None])
+        dh_NR.mul_(gate_N1)
+        torch.mm(dy_ND.t(), a_NI.mul_(gate_N1), out=dw_out[e])
+        torch.mm(dh_NR.t(), x_TD.index_select(0, rows), out=dw_in[e])
         torch.mm(dh_NR, w_in_ERD[e], out=dx_AD[start:end])
         if b_in_ER is not None:
             torch.sum(dh_NR, dim=0, out=db_in[e])
-        if b_out_ED is not None:
-            torch.sum(dy_ND, dim=0, out=db_out[e])
 
     run_experts(expert, spans)
     dweights_A = weights_TK.new_zeros(weights_TK.numel())  # dropped slots get 0
@@ -235,7 +241,7 @@ def single_token_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool)
     return y_TD
 
 
-sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_backward)
+sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_backward, keeps_expert_outputs=False)
 _sorted_op_dispatch = pool_dispatch(sorted_experts)
 
 
