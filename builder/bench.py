@@ -15,6 +15,7 @@ eager reference before anything is timed.
 Legend: T tokens, D hidden, K top-k, E experts, I expert intermediate, S shared intermediate.
 """
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -81,7 +82,9 @@ def build_layers(cfg: MoEConfig, device: torch.device, dtype: torch.dtype, seed:
         if runs_on(name, device):
             layers[f"moebuild {name}"] = (_moebuild_layer(dispatch, pool, shared), ours)
     for impl in TRANSFORMERS_IMPLEMENTATIONS:
-        experts = MixtralExperts(hf_config).to(**factory)
+        # transformers reads the implementation from the config at every forward, so each layer
+        # needs its own config; with one shared config every row timed the last one set.
+        experts = MixtralExperts(copy.deepcopy(hf_config)).to(**factory)
         experts.gate_up_proj, experts.down_proj = pool.gate_up_proj, pool.down_proj  # shared, not copied
         experts.config._experts_implementation = impl
         layers[f"transformers {impl}"] = (_transformers_layer(experts, hf_shared), theirs)

@@ -45,3 +45,27 @@ def test_outputs_agree_and_ratios_are_consistent(report):
 def test_top_k_above_experts_is_a_usage_error():
     result = CliRunner().invoke(main, ["bench", "moe", "--experts", "2", "--top-k", "3"])
     assert result.exit_code == 2 and "--top-k 3 exceeds --experts 2" in result.output
+
+
+def test_each_transformers_row_runs_its_own_implementation(monkeypatch):
+    """transformers picks the implementation from the config at every call: the layers must not share one."""
+    import torch
+    from transformers.integrations import moe
+
+    from moebuild.bench import MoEConfig, build_layers, fixed_routing
+
+    calls = []
+    mapping = moe.ALL_EXPERTS_FUNCTIONS._global_mapping
+    for name in ("batched_mm", "grouped_mm"):
+        def recorded(*args, _name=name, _fn=mapping[name], **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(mapping, name, recorded)
+    cfg = MoEConfig(experts=4, top_k=2, hidden=32, intermediate=16)
+    layers = build_layers(cfg, torch.device("cpu"), torch.float32)
+    weights_TK, ids_TK = fixed_routing(5, cfg, torch.device("cpu"))
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        calls.clear()
+        layers[f"transformers {impl}"][0](torch.randn(5, 32), weights_TK, ids_TK)
+        assert calls == ([] if impl == "eager" else [impl])
