@@ -28,7 +28,7 @@ other processes on the same cores:
   of the routed pool alone, time beyond its matmuls: 140 + 500 ms at 2048 tokens with A-row
   gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from
   3650 to 2530 ms (medians of 5 to 15, interleaved in one process).
-- A decode step (one token, no autograd) skips the sort: `single_token_forward`.
+- Decode steps (a few tokens, no autograd) skip the sort: `few_tokens_forward`.
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
@@ -222,22 +222,33 @@ def _bias_grad(b_E: Tensor | None, empty: list[int], x_TD: Tensor) -> Tensor:
     return _zeros_where_empty(b_E, empty) if b_E is not None else x_TD.new_empty(0)
 
 
-def single_token_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """One token without autograd (a decode step): its K experts applied to it one after another.
+def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
+    """A few tokens without autograd (decode steps): experts grouped from the ids as Python lists.
 
-    Each expert reads its whole weight for one row, so there is nothing to group and the sort
-    buys nothing; what is left is the per-op cost, which this path halves (~9 ops a slot against
-    ~105 for the sorted path's fixed and per-expert work). Config B, 1 token, forward, median of
-    30: 4.5 ms here, 6.3 ms through the sorted op, 5.6 ms transformers eager, 3.5 ms dense.
+    With a row or two per expert there is nothing for the sort to batch, and what is left is the
+    per-op cost, which this path cuts to ~9 ops per expert (the sorted op, built to save tensors
+    for its backward, spends ~15 per expert plus ~25 fixed). Forward, interleaved, median of 20,
+    this path / the sorted op / transformers grouped_mm: config B 1 token 4.1 / 4.9 / 4.3 ms,
+    2 tokens 8.7 / 9.3 / 8.7, 4 tokens 14.9 / 15.2 / 13.9, 8 tokens 27.9 / 26.4 / 24.2; config A
+    1 token 5.0 / 5.8 / 5.5. Past 4 tokens the Python loop over experts costs more than it saves.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
+    slots: dict[int, tuple[list[int], list[float]]] = {}
+    for t, (ids_K, weights_K) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist())):
+        for e, gate in zip(ids_K, weights_K):
+            if e >= 0:  # not dropped
+                slots.setdefault(e, ([], []))[0].append(t)
+                slots[e][1].append(gate)
     y_TD = torch.zeros_like(x_TD)
-    for e, gate in zip(ids_TK[0].tolist(), weights_TK[0].tolist()):
-        if e < 0:  # dropped
-            continue
-        h_1R = F.linear(x_TD, w_in[e], None if b_in is None else b_in[e])
-        a_1I = activate(h_1R, pool.gated, pool.activation)
-        y_TD.add_(F.linear(a_1I, w_out[e], None if b_out is None else b_out[e]), alpha=gate)
+    for e, (rows, gates) in slots.items():
+        one = len(rows) == 1
+        x_ND = x_TD[rows[0]:rows[0] + 1] if one else x_TD[rows]
+        h_NR = F.linear(x_ND, w_in[e], None if b_in is None else b_in[e])
+        y_ND = F.linear(activate(h_NR, pool.gated, pool.activation), w_out[e], None if b_out is None else b_out[e])
+        if one:
+            y_TD[rows[0]:rows[0] + 1].add_(y_ND, alpha=gates[0])
+        else:
+            y_TD.index_add_(0, torch.tensor(rows, device=x_TD.device), y_ND * y_ND.new_tensor(gates)[:, None])
     return y_TD
 
 
@@ -245,8 +256,11 @@ sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_back
 _sorted_op_dispatch = pool_dispatch(sorted_experts)
 
 
+FEW_TOKENS = 4  # at most this many tokens without autograd: few_tokens_forward
+
+
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """The torch backend: the sorted custom op, or `single_token_forward` for an eager decode step."""
-    if x_TD.shape[0] == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return single_token_forward(x_TD, weights_TK, ids_TK, pool)
+    """The torch backend: the sorted custom op, or `few_tokens_forward` for eager decode steps."""
+    if x_TD.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

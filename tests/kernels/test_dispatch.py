@@ -124,9 +124,11 @@ def test_auto_backend_and_unknown_name():
         get_dispatch("cuda_magic", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("ids", [[[4, -1, 1]], [[4, -1, 1], [1, 0, 4], [2, 3, -1]], [[-1, -1, -1]]])
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
-def test_torch_backend_decode_step_matches_per_token_loop(pool_kwargs, monkeypatch):
-    """One token under no_grad takes torch_sorted.single_token_forward, never the sorted op."""
+def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monkeypatch):
+    """A few tokens under no_grad take torch_sorted.few_tokens_forward, never the sorted op; experts
+    shared by several tokens, dropped slots and an all-dropped token included."""
     from moebuild.kernels import torch_sorted
 
     def sorted_op_not_expected(*args):
@@ -136,8 +138,8 @@ def test_torch_backend_decode_step_matches_per_token_loop(pool_kwargs, monkeypat
     pool = ExpertPool(5, 12, 10, **pool_kwargs)
     for p in pool.parameters():
         p.data.normal_(0, 0.3, generator=g)
-    x_TD, weights_TK = torch.randn(1, 12, generator=g), torch.rand(1, 3, generator=g)
-    ids_TK = torch.tensor([[4, -1, 1]])  # one slot dropped
+    ids_TK = torch.tensor(ids)
+    x_TD, weights_TK = torch.randn(len(ids), 12, generator=g), torch.rand(len(ids), 3, generator=g)
     want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
     monkeypatch.setattr(torch_sorted, "_sorted_op_dispatch", sorted_op_not_expected)
     with torch.no_grad():
