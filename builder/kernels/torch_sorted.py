@@ -28,7 +28,8 @@ other processes on the same cores:
   of the routed pool alone, time beyond its matmuls: 140 + 500 ms at 2048 tokens with A-row
   gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from
   3650 to 2530 ms (medians of 5 to 15, interleaved in one process).
-- Decode steps (a few tokens, no autograd) skip the sort: `few_tokens_forward`.
+- Decode steps (up to 16 tokens, no autograd) skip the sorted op: `few_tokens_forward`,
+  `grouped_forward`.
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
@@ -230,7 +231,7 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
     for its backward, spends ~15 per expert plus ~25 fixed). Forward, interleaved, median of 20,
     this path / the sorted op / transformers grouped_mm: config B 1 token 4.1 / 4.9 / 4.3 ms,
     2 tokens 8.7 / 9.3 / 8.7, 4 tokens 14.9 / 15.2 / 13.9, 8 tokens 27.9 / 26.4 / 24.2; config A
-    1 token 5.0 / 5.8 / 5.5. Past 4 tokens the Python loop over experts costs more than it saves.
+    1 token 5.0 / 5.8 / 5.5. From 3-4 tokens on, `grouped_forward` is faster.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     slots: dict[int, tuple[list[int], list[float]]] = {}
@@ -252,15 +253,67 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
     return y_TD
 
 
+def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
+    """Decode batches (a few to a dozen tokens, no autograd): each projection is one
+    `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
+
+    At these sizes most experts get one or two rows and the sorted op's per-expert Python (~15
+    ops each) costs more than the matmuls save; on big inputs grouped_mm is no faster than the
+    loop (cpu-dispatch-notes.md finding 2). Forward, interleaved, median of 20, this path / the
+    sorted op / transformers grouped_mm: config B 8 tokens 29.6 / 32.6 / 27.8 ms, 16 tokens
+    35.8 / 37.4 / 41.6; config A 8 tokens 30.3 / 31.8 / 29.3. Needs `grouped_fits`.
+    """
+    w_in, b_in, w_out, b_out = pool.stacked()
+    order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    kept = int(offs_E[-1])
+    if kept == 0:  # every slot dropped
+        return torch.zeros_like(x_TD)
+    slot_A = order_A[:kept]
+    tok_A = slot_A // ids_TK.shape[1]
+    h_AR = F.grouped_mm(x_TD[tok_A], w_in.transpose(1, 2), offs=offs_E)
+    if b_in is not None:
+        h_AR += b_in.repeat_interleave(counts_E, dim=0)
+    y_AD = F.grouped_mm(activate(h_AR, pool.gated, pool.activation), w_out.transpose(1, 2), offs=offs_E)
+    if b_out is not None:
+        y_AD += b_out.repeat_interleave(counts_E, dim=0)
+    y_AD *= weights_TK.reshape(-1)[slot_A, None].to(y_AD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, tok_A, y_AD)
+
+
+def grouped_fits(x_TD: Tensor, pool) -> bool:
+    """Whether `grouped_forward` runs: CPU grouped_mm wants fp32 or bf16 and row strides that are
+    multiples of 16 bytes (hidden and intermediate sizes)."""
+    size = x_TD.element_size()
+    return (x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16)
+            and x_TD.shape[1] * size % 16 == 0 and pool.intermediate_size * size % 16 == 0)
+
+
 sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_backward, keeps_expert_outputs=False)
 _sorted_op_dispatch = pool_dispatch(sorted_experts)
 
 
-FEW_TOKENS = 4  # at most this many tokens without autograd: few_tokens_forward
+def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
+    """A one-expert pool that every token goes through (a shared expert, a dense route), no
+    autograd: the expert on all rows in place, with nothing to sort, gather or scatter."""
+    w_in, b_in, w_out, b_out = pool.stacked()
+    h_TR = F.linear(x_TD, w_in[0], None if b_in is None else b_in[0])
+    y_TD = F.linear(activate(h_TR, pool.gated, pool.activation), w_out[0], None if b_out is None else b_out[0])
+    return y_TD.mul_(weights_TK.to(y_TD.dtype))
+
+
+# Without autograd, up to FEW_TOKENS tokens take few_tokens_forward, up to GROUPED_TOKENS
+# grouped_forward; past that, and whenever gradients are needed, the sorted op.
+FEW_TOKENS, GROUPED_TOKENS = 2, 16
 
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """The torch backend: the sorted custom op, or `few_tokens_forward` for eager decode steps."""
-    if x_TD.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
+    """The torch backend: the sorted custom op, or a lighter path for eager decode steps."""
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if pool.num_experts == 1 and ids_TK.shape[1] == 1 and bool((ids_TK == 0).all()):
+            return one_expert_forward(x_TD, weights_TK, pool)
+        if x_TD.shape[0] <= FEW_TOKENS:
+            return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
+        if x_TD.shape[0] <= GROUPED_TOKENS and grouped_fits(x_TD, pool):
+            return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

@@ -124,10 +124,10 @@ def test_auto_backend_and_unknown_name():
         get_dispatch("cuda_magic", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("ids", [[[4, -1, 1]], [[4, -1, 1], [1, 0, 4], [2, 3, -1]], [[-1, -1, -1]]])
+@pytest.mark.parametrize("ids", [[[4, -1, 1]], [[4, -1, 1], [1, 0, 4]], [[-1, -1, -1]]])
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
 def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monkeypatch):
-    """A few tokens under no_grad take torch_sorted.few_tokens_forward, never the sorted op; experts
+    """One or two tokens under no_grad take torch_sorted.few_tokens_forward, never the sorted op; experts
     shared by several tokens, dropped slots and an all-dropped token included."""
     from moebuild.kernels import torch_sorted
 
@@ -145,3 +145,67 @@ def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monke
     with torch.no_grad():
         got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _record_paths(monkeypatch) -> list[str]:
+    from moebuild.kernels import torch_sorted
+
+    taken = []
+    for name in ("one_expert_forward", "few_tokens_forward", "grouped_forward", "_sorted_op_dispatch"):
+        def recorded(*args, _name=name, _fn=getattr(torch_sorted, name)):
+            taken.append(_name)
+            return _fn(*args)
+
+        monkeypatch.setattr(torch_sorted, name, recorded)
+    return taken
+
+
+@pytest.mark.parametrize("T, drop, path", [(1, False, "one_expert_forward"), (40, False, "one_expert_forward"),
+                                           (40, True, "_sorted_op_dispatch")])
+def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypatch):
+    """A shared expert (every token's one slot on expert 0) runs on the rows in place; a dropped
+    slot sends it back to the general path."""
+    taken = _record_paths(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    pool = ExpertPool(1, 12, 10, bias=True)
+    for p in pool.parameters():
+        p.data.normal_(0, 0.3, generator=g)
+    x_TD, weights_TK = torch.randn(T, 12, generator=g), torch.rand(T, 1, generator=g)
+    ids_TK = torch.zeros(T, 1, dtype=torch.long)
+    if drop:
+        ids_TK[T // 2] = -1
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    with torch.no_grad():
+        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    assert taken == [path]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
+@pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (9, 10, "_sorted_op_dispatch"),
+                                        (17, 8, "_sorted_op_dispatch"), (2, 8, "few_tokens_forward")])
+def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch):
+    """No-grad batches: up to 2 tokens the Python grouping, up to 16 one grouped_mm per projection
+    where its 16-byte strides fit (I=10 fp32 rows are 40 bytes: they do not), else the sorted op."""
+    taken = _record_paths(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    pool = ExpertPool(5, 12, I, **pool_kwargs)
+    for p in pool.parameters():
+        p.data.normal_(0, 0.3, generator=g)
+    x_TD, weights_TK = torch.randn(T, 12, generator=g), torch.rand(T, 3, generator=g)
+    ids_TK = random_ids(T, 3, 5, g).masked_fill(torch.rand(T, 3, generator=g) < 0.3, -1)
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    with torch.no_grad():
+        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    assert taken == [path]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_decode_path_with_every_slot_dropped():
+    from moebuild.kernels.torch_sorted import grouped_forward
+
+    pool = ExpertPool(3, 12, 8)
+    x_TD = torch.randn(6, 12)
+    with torch.no_grad():
+        y_TD = grouped_forward(x_TD, torch.rand(6, 2), torch.full((6, 2), -1), pool)
+    assert torch.equal(y_TD, torch.zeros_like(x_TD))
