@@ -12,6 +12,8 @@ The config stores the resolved spec as plain data: it is the single source of tr
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -23,7 +25,7 @@ from transformers.utils import ModelOutput
 from moebuild.schemas import ModelSpec
 
 from .moe.layer import IMAGE, TEXT
-from .tiling import TiledConnector
+from .tiling import TiledConnector, tiled_token_count
 
 
 class MoEVLMConfig(PretrainedConfig):
@@ -141,6 +143,42 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         if not isinstance(self.connector, TiledConnector):
             raise ValueError("image_grids are for tiled images; this spec has no vision.tiling")
         return self.connector.arrange(features_VPH, image_grids)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and num_return_sequences repeat every sample `expand_size` times. transformers
+        repeats each tensor row by row, but `pixel_values` holds views and `image_grids` pictures,
+        not samples: they are repeated here as each sample's whole group, in sample order."""
+        pixel_values, image_grids = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_grids", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            pixel_values, image_grids = self._repeat_pictures(input_ids, pixel_values, image_grids, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, "pixel_values": pixel_values, "image_grids": image_grids}
+
+    def _repeat_pictures(self, input_ids, pixel_values, image_grids, times: int):
+        """(pixel_values, image_grids) with each sample's pictures repeated `times` times in a row;
+        which pictures are a sample's follows from its image placeholder count."""
+        per_view = self.num_image_tokens
+        if image_grids is None:
+            views, tokens = [1] * pixel_values.shape[0], [per_view] * pixel_values.shape[0]
+        else:
+            global_view, side = self.connector.global_view, math.isqrt(per_view)
+            views = [int(c) * int(r) + global_view for c, r in image_grids]
+            tokens = [tiled_token_count(side, (int(c), int(r)), global_view) for c, r in image_grids]
+        view_start = [0, *itertools.accumulate(views)]
+        repeated_views, repeated_grids, picture = [], [], 0
+        for sample_tokens in (input_ids == self.config.image_token_id).sum(dim=1).tolist():
+            first = picture
+            while sample_tokens > 0 and picture < len(tokens):
+                sample_tokens -= tokens[picture]
+                picture += 1
+            if sample_tokens != 0:
+                raise ValueError("input_ids' image tokens do not split into the given pictures sample by sample")
+            repeated_views += [pixel_values[view_start[first]:view_start[picture]]] * times
+            if image_grids is not None:
+                repeated_grids += list(image_grids[first:picture]) * times
+        return torch.cat(repeated_views), (repeated_grids if image_grids is not None else None)
 
     def merge_image_features(self, input_ids, inputs_embeds, pixel_values, image_grids=None):
         """Put the pictures' embeddings at the image placeholder tokens, in order."""

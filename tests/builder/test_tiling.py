@@ -117,3 +117,34 @@ def test_moe_llava_image_takes_576_tokens():
     assert images.num_image_tokens == [576] and images.tile_grids is None
     with torch.no_grad():
         assert model.image_embeddings(images.pixel_values).shape == (576, spec.language.hidden_size)
+
+
+def test_beam_expansion_repeats_each_samples_pictures_together(deepseek_shaped):
+    """num_beams / num_return_sequences repeat samples; each sample's views and grids must follow
+    as a group (transformers' row-wise repeat would interleave the global views and the tiles)."""
+    model, processor = deepseek_shaped
+    images = processor([_picture(384, 384, seed=1), _picture(384, 384, seed=2)])  # 2 views, 421 tokens each
+    ids = torch.tensor([[1] + [model.config.image_token_id] * 421 + [7]] * 2)
+    kwargs = {"pixel_values": images.pixel_values, "image_grids": images.tile_grids, "attention_mask": torch.ones_like(ids)}
+    expanded_ids, expanded = model._expand_inputs_for_generation(2, False, ids, **kwargs)
+    assert expanded["image_grids"] == [(1, 1)] * 4 and expanded["pixel_values"].shape[0] == 8
+    with torch.no_grad():
+        want = model(input_ids=ids, **kwargs).logits
+        got = model(input_ids=expanded_ids, **expanded).logits
+    torch.testing.assert_close(got, want.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_beam_expansion_of_untiled_pictures_and_samples_without_any():
+    spec = load_spec("micro-moe-llava")
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    n = model.num_image_tokens
+    image = model.config.image_token_id
+    ids = torch.tensor([[1] + [image] * 2 * n + [7], [1] + [5] * 2 * n + [7], [1] + [image] * n + [8] * n + [7]])
+    pixel_values = torch.randn(3, 3, spec.vision.image_size, spec.vision.image_size)  # two pictures, none, one
+    expanded_ids, expanded = model._expand_inputs_for_generation(3, False, ids, pixel_values=pixel_values)
+    assert torch.equal(expanded["pixel_values"], pixel_values[[0, 1, 0, 1, 0, 1, 2, 2, 2]])
+    with torch.no_grad():
+        want = model(input_ids=ids, pixel_values=pixel_values).logits
+        got = model(input_ids=expanded_ids, pixel_values=expanded["pixel_values"]).logits
+    torch.testing.assert_close(got, want.repeat_interleave(3, dim=0), rtol=1e-5, atol=1e-5)
