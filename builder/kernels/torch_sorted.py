@@ -35,6 +35,7 @@ Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I
 A = T*K slots, N rows of one expert.
 """
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,8 +76,13 @@ ACTIVATION_BACKWARD = {
 }
 
 
+@functools.cache
+def _activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    return ACT2FN[name]  # ACT2FN builds a new module on every lookup (~6 us); called per expert
+
+
 def activate(h_NR: Tensor, gated: bool, activation: str) -> Tensor:
-    act = ACT2FN[activation]
+    act = _activation_fn(activation)
     if not gated:
         return act(h_NR)
     gate_NI, up_NI = h_NR.chunk(2, dim=-1)
@@ -85,7 +91,7 @@ def activate(h_NR: Tensor, gated: bool, activation: str) -> Tensor:
 
 def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: str) -> tuple[Tensor, Tensor]:
     """(activation output recomputed from h, gradient of h)."""
-    act, act_backward = ACT2FN[activation], ACTIVATION_BACKWARD[activation]
+    act, act_backward = _activation_fn(activation), ACTIVATION_BACKWARD[activation]
     if not gated:
         return act(h_NR), act_backward(grad_NI, h_NR)
     gate_NI, up_NI = h_NR.chunk(2, dim=-1)
