@@ -160,6 +160,8 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         """(pixel_values, image_grids) with each sample's pictures repeated `times` times in a row;
         which pictures are a sample's follows from its image placeholder count."""
         per_view = self.num_image_tokens
+        if image_grids is not None and not isinstance(self.connector, TiledConnector):
+            raise ValueError("image_grids are for tiled images; this spec has no vision.tiling")
         if image_grids is None:
             views, tokens = [1] * pixel_values.shape[0], [per_view] * pixel_values.shape[0]
         else:
@@ -178,6 +180,8 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             repeated_views += [pixel_values[view_start[first]:view_start[picture]]] * times
             if image_grids is not None:
                 repeated_grids += list(image_grids[first:picture]) * times
+        if picture != len(tokens):
+            raise ValueError(f"input_ids hold image tokens for {picture} image(s) but {len(tokens)} were given")
         return torch.cat(repeated_views), (repeated_grids if image_grids is not None else None)
 
     def merge_image_features(self, input_ids, inputs_embeds, pixel_values, image_grids=None):

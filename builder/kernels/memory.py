@@ -13,20 +13,23 @@ It is a hint: where the kernel has THP off, or on other systems, the buffer is p
 """
 
 import ctypes
+import mmap
 import sys
 
 from torch import Tensor
 
 _MADV_HUGEPAGE = 14  # linux/mman.h
-_PAGE = 4096
-_MIN_BYTES = 8 << 20  # a few huge pages at least; smaller buffers come from the heap anyway
+_PAGE = mmap.PAGESIZE
+# glibc serves a request at or above its largest dynamic mmap threshold (32 MiB on 64-bit) with
+# a fresh mapping of its own, so the advice never lands on heap memory that is later reused.
+_MIN_BYTES = 32 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def empty_huge(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised tensor of `like`'s dtype and device; on Linux CPU, large ones are advised
-    to huge pages before any page of them is touched."""
+    """An uninitialised tensor of `like`'s dtype and device; on Linux CPU, those of 32 MiB and more
+    are advised to huge pages before any page of them is touched."""
     out = like.new_empty(shape)
     nbytes = out.numel() * out.element_size()
     if _libc is not None and out.device.type == "cpu" and nbytes >= _MIN_BYTES:

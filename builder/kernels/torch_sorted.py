@@ -315,11 +315,14 @@ FEW_TOKENS, GROUPED_TOKENS = 2, 16
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
     """The torch backend: the sorted custom op, or a lighter path for eager decode steps."""
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        if pool.num_experts == 1 and ids_TK.shape[1] == 1 and bool((ids_TK == 0).all()):
-            return one_expert_forward(x_TD, weights_TK, pool)
-        if x_TD.shape[0] <= FEW_TOKENS:
-            return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
-        if x_TD.shape[0] <= GROUPED_TOKENS and grouped_fits(x_TD, pool):
-            return grouped_forward(x_TD, weights_TK, ids_TK, pool)
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x_TD.device.type != "meta":
+        # The light paths read the ids on the host, and compute in the input's dtype as the op
+        # does, whatever autocast says (a custom op is not autocast-aware).
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if pool.num_experts == 1 and ids_TK.shape[1] == 1 and bool((ids_TK == 0).all()):
+                return one_expert_forward(x_TD, weights_TK, pool)
+            if x_TD.shape[0] <= FEW_TOKENS:
+                return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
+            if x_TD.shape[0] <= GROUPED_TOKENS and grouped_fits(x_TD, pool):
+                return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

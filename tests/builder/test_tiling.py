@@ -148,3 +148,16 @@ def test_beam_expansion_of_untiled_pictures_and_samples_without_any():
         want = model(input_ids=ids, pixel_values=pixel_values).logits
         got = model(input_ids=expanded_ids, pixel_values=expanded["pixel_values"]).logits
     torch.testing.assert_close(got, want.repeat_interleave(3, dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_beam_expansion_refuses_pictures_no_sample_uses_and_grids_without_tiling():
+    torch.manual_seed(0)
+    model = build("micro-moe-llava").eval()
+    n, image = model.num_image_tokens, model.config.image_token_id
+    ids = torch.tensor([[1] + [image] * n + [7]])
+    size = model.spec.vision.image_size
+    with pytest.raises(ValueError, match="image tokens for 1 image\\(s\\) but 2 were given"):
+        model._expand_inputs_for_generation(2, False, ids, pixel_values=torch.zeros(2, 3, size, size))
+    with pytest.raises(ValueError, match="no vision.tiling"):
+        model._expand_inputs_for_generation(2, False, ids, pixel_values=torch.zeros(1, 3, size, size),
+                                            image_grids=[(1, 1)])

@@ -209,3 +209,29 @@ def test_grouped_decode_path_with_every_slot_dropped():
     with torch.no_grad():
         y_TD = grouped_forward(x_TD, torch.rand(6, 2), torch.full((6, 2), -1), pool)
     assert torch.equal(y_TD, torch.zeros_like(x_TD))
+
+
+@pytest.mark.parametrize("E, ids", [(5, [[0, 1], [0, 2]]), (1, [[0], [0], [0]]), (5, [[0, 1]] * 9)])
+def test_decode_paths_ignore_autocast_like_the_op(E, ids):
+    """Under CPU bf16 autocast the light no-grad paths compute in the input dtype, as the custom op
+    (not autocast-aware) does: same values, fp32 out."""
+    g = torch.Generator().manual_seed(6)
+    pool = ExpertPool(E, 12, 8)
+    for p in pool.parameters():
+        p.data.normal_(0, 0.3, generator=g)
+    ids_TK = torch.tensor(ids)
+    x_TD, weights_TK = torch.randn(len(ids), 12, generator=g), torch.rand(ids_TK.shape, generator=g)
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_tensors_take_the_op_and_its_fake():
+    pool = ExpertPool(4, 12, 8, device="meta")
+    with torch.no_grad():
+        for T, K in ((1, 2), (6, 2)):
+            y = BACKENDS["torch"](torch.empty(T, 12, device="meta"), torch.empty(T, K, device="meta"),
+                                  torch.empty(T, K, dtype=torch.long, device="meta"), pool)
+            assert y.shape == (T, 12) and y.device.type == "meta"
