@@ -21,7 +21,7 @@ other processes on the same cores:
 - Everything per row happens inside the expert's task, on its N rows while they are in cache:
   the gathers of x and of the incoming gradient, the gate weighting, the gate-weight gradient.
   The only A-row buffers are the saved `h_AR`, the weighted outputs and the input gradient
-  before their scatter-add, all advised to huge pages (`memory.py`). The expert outputs are not
+  before their scatter-add, advised to huge pages from 32 MiB up (`memory.py`). The expert outputs are not
   kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a> from the recomputed
   activation, which halves what a layer saves for the backward at config B (A x 2I floats, not
   A x (2I + D)). Config B, fwd+bwd
