@@ -21,13 +21,13 @@ other processes on the same cores:
 - Everything per row happens inside the expert's task, on its N rows while they are in cache:
   the gathers of x and of the incoming gradient, the gate weighting, the gate-weight gradient.
   The only A-row buffers are the saved `h_AR`, the weighted outputs and the input gradient
-  before their scatter-add, advised to huge pages from 32 MiB up (`memory.py`). The expert outputs are not
-  kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a> from the recomputed
-  activation, which halves what a layer saves for the backward at config B (A x 2I floats, not
-  A x (2I + D)). Config B, fwd+bwd
+  before their scatter-add, advised to huge pages from 32 MiB up (`memory.py`). Config B, fwd+bwd
   of the routed pool alone, time beyond its matmuls: 140 + 500 ms at 2048 tokens with A-row
-  gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from
-  3650 to 2530 ms (medians of 5 to 15, interleaved in one process).
+  gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from 3650
+  to 2530 ms (medians of 5 to 15, interleaved in one process).
+- The expert outputs are not kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a>
+  from the recomputed activation, which halves what a layer saves for the backward at config B
+  (A x 2I floats, not A x (2I + D)).
 - Decode steps (up to 16 tokens, no autograd) skip the sorted op: `few_tokens_forward`,
   `grouped_forward`.
 
