@@ -178,7 +178,7 @@ def sorted_forward(
 def sorted_backward(
     grad_TD: Tensor, x_TD: Tensor, weights_TK: Tensor, w_in_ERD: Tensor, b_in_ER: Tensor | None,
     w_out_EDI: Tensor, b_out_ED: Tensor | None, order_A: Tensor, counts_E: Tensor, h_AR: Tensor,
-    y_AD: Tensor, gated: bool, activation: str,
+    _y_AD: Tensor, gated: bool, activation: str,  # the 0-row y_AD of sorted_forward: nothing kept
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     K, D = weights_TK.shape[1], x_TD.shape[1]
     spans = expert_spans(counts_E)
