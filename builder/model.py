@@ -140,9 +140,13 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         features_VPH = self.image_features(pixel_values)
         if image_grids is None:
             return features_VPH.reshape(-1, features_VPH.shape[-1])
+        return self._tiled_connector().arrange(features_VPH, image_grids)
+
+    def _tiled_connector(self) -> TiledConnector:
+        """The connector, for inputs that come with `image_grids`."""
         if not isinstance(self.connector, TiledConnector):
             raise ValueError("image_grids are for tiled images; this spec has no vision.tiling")
-        return self.connector.arrange(features_VPH, image_grids)
+        return self.connector
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Beam search and num_return_sequences repeat every sample `expand_size` times. transformers
@@ -160,14 +164,13 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         """(pixel_values, image_grids) with each sample's pictures repeated `times` times in a row;
         which pictures are a sample's follows from its image placeholder count."""
         per_view = self.num_image_tokens
-        if image_grids is not None and not isinstance(self.connector, TiledConnector):
-            raise ValueError("image_grids are for tiled images; this spec has no vision.tiling")
         if image_grids is None:
             views, tokens = [1] * pixel_values.shape[0], [per_view] * pixel_values.shape[0]
         else:
-            global_view, side = self.connector.global_view, math.isqrt(per_view)
-            views = [int(c) * int(r) + global_view for c, r in image_grids]
-            tokens = [tiled_token_count(side, (int(c), int(r)), global_view) for c, r in image_grids]
+            tiled = self._tiled_connector()
+            views = tiled.views_per_picture(image_grids)
+            side = math.isqrt(per_view)
+            tokens = [tiled_token_count(side, (int(c), int(r)), tiled.global_view) for c, r in image_grids]
         view_start = [0, *itertools.accumulate(views)]
         repeated_views, repeated_grids, picture = [], [], 0
         for sample_tokens in (input_ids == self.config.image_token_id).sum(dim=1).tolist():

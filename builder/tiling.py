@@ -83,12 +83,16 @@ class TiledConnector(nn.Module):
         pieces.append(self._rows_with_newlines(local_hwH))
         return torch.cat(pieces)
 
+    def views_per_picture(self, grids: Sequence[tuple[int, int]]) -> list[int]:
+        """Views each picture has in `pixel_values`: its local tiles, plus the global view."""
+        return [int(c) * int(r) + self.global_view for c, r in grids]
+
     def arrange(self, views_VPH: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
         """Every picture's token sequence, concatenated in order: [sum of T, H].
 
         `grids` holds (columns, rows) of local tiles per picture, as the processor's `tile_grids`.
         """
-        per_picture = [int(c) * int(r) + self.global_view for c, r in grids]
+        per_picture = self.views_per_picture(grids)
         if sum(per_picture) != views_VPH.shape[0]:
             raise ValueError(
                 f"image_grids {[tuple(map(int, g)) for g in grids]} need {sum(per_picture)} views "

@@ -244,8 +244,9 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
     for t, (ids_K, weights_K) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist())):
         for e, gate in zip(ids_K, weights_K):
             if e >= 0:  # not dropped
-                slots.setdefault(e, ([], []))[0].append(t)
-                slots[e][1].append(gate)
+                rows, gates = slots.setdefault(e, ([], []))
+                rows.append(t)
+                gates.append(gate)
     y_TD = torch.zeros_like(x_TD)
     for e, (rows, gates) in slots.items():
         one = len(rows) == 1
@@ -265,9 +266,9 @@ def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
 
     At these sizes most experts get one or two rows and the sorted op's per-expert Python (~15
     ops each) costs more than the matmuls save; on big inputs grouped_mm is no faster than the
-    loop (cpu-dispatch-notes.md finding 2). Forward, interleaved, median of 20, this path / the
-    sorted op / transformers grouped_mm: config B 8 tokens 29.6 / 32.6 / 27.8 ms, 16 tokens
-    35.8 / 37.4 / 41.6; config A 8 tokens 30.3 / 31.8 / 29.3. Needs `grouped_fits`.
+    loop (cpu-dispatch-notes.md finding 2). Forward, interleaved, median of 20, this path /
+    `few_tokens_forward` / transformers grouped_mm: config B 8 tokens 29.6 / 32.6 / 27.8 ms,
+    16 tokens 35.8 / 37.4 / 41.6; config A 8 tokens 30.3 / 31.8 / 29.3. Needs `grouped_fits`.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])

@@ -124,27 +124,20 @@ def test_auto_backend_and_unknown_name():
         get_dispatch("cuda_magic", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("ids", [[[4, -1, 1]], [[4, -1, 1], [1, 0, 4]], [[-1, -1, -1]]])
-@pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
-def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monkeypatch):
-    """One or two tokens under no_grad take torch_sorted.few_tokens_forward, never the sorted op; experts
-    shared by several tokens, dropped slots and an all-dropped token included."""
-    from moebuild.kernels import torch_sorted
+def _random_pool(E, I, generator, **pool_kwargs):
+    pool = ExpertPool(E, 12, I, **pool_kwargs)
+    for p in pool.parameters():  # non-zero biases too
+        p.data.normal_(0, 0.3, generator=generator)
+    return pool
 
-    def sorted_op_not_expected(*args):
-        raise AssertionError("a decode step went through the sorted op")
 
-    g = torch.Generator().manual_seed(3)
-    pool = ExpertPool(5, 12, 10, **pool_kwargs)
-    for p in pool.parameters():
-        p.data.normal_(0, 0.3, generator=g)
-    ids_TK = torch.tensor(ids)
-    x_TD, weights_TK = torch.randn(len(ids), 12, generator=g), torch.rand(len(ids), 3, generator=g)
+def _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK):
+    """The torch backend under no_grad (the decode paths) against the per-token loop; its output."""
     want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
-    monkeypatch.setattr(torch_sorted, "_sorted_op_dispatch", sorted_op_not_expected)
     with torch.no_grad():
         got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return got
 
 
 def _record_paths(monkeypatch) -> list[str]:
@@ -160,6 +153,19 @@ def _record_paths(monkeypatch) -> list[str]:
     return taken
 
 
+@pytest.mark.parametrize("ids", [[[4, -1, 1]], [[4, -1, 1], [1, 0, 4]], [[-1, -1, -1]]])
+@pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
+def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monkeypatch):
+    """One or two tokens under no_grad take torch_sorted.few_tokens_forward, never the sorted op; experts
+    shared by several tokens, dropped slots and an all-dropped token included."""
+    taken = _record_paths(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    pool = _random_pool(5, 10, g, **pool_kwargs)
+    ids_TK = torch.tensor(ids)
+    _no_grad_matches_loop(pool, torch.randn(len(ids), 12, generator=g), torch.rand(len(ids), 3, generator=g), ids_TK)
+    assert taken == ["few_tokens_forward"]
+
+
 @pytest.mark.parametrize("T, drop, path", [(1, False, "one_expert_forward"), (40, False, "one_expert_forward"),
                                            (40, True, "_sorted_op_dispatch")])
 def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypatch):
@@ -167,18 +173,12 @@ def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypat
     slot sends it back to the general path."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(5)
-    pool = ExpertPool(1, 12, 10, bias=True)
-    for p in pool.parameters():
-        p.data.normal_(0, 0.3, generator=g)
-    x_TD, weights_TK = torch.randn(T, 12, generator=g), torch.rand(T, 1, generator=g)
+    pool = _random_pool(1, 10, g, bias=True)
     ids_TK = torch.zeros(T, 1, dtype=torch.long)
     if drop:
         ids_TK[T // 2] = -1
-    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
-    with torch.no_grad():
-        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    _no_grad_matches_loop(pool, torch.randn(T, 12, generator=g), torch.rand(T, 1, generator=g), ids_TK)
     assert taken == [path]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
@@ -189,16 +189,11 @@ def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, 
     where its 16-byte strides fit (I=10 fp32 rows are 40 bytes: they do not), else the sorted op."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(4)
-    pool = ExpertPool(5, 12, I, **pool_kwargs)
-    for p in pool.parameters():
-        p.data.normal_(0, 0.3, generator=g)
+    pool = _random_pool(5, I, g, **pool_kwargs)
     x_TD, weights_TK = torch.randn(T, 12, generator=g), torch.rand(T, 3, generator=g)
     ids_TK = random_ids(T, 3, 5, g).masked_fill(torch.rand(T, 3, generator=g) < 0.3, -1)
-    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
-    with torch.no_grad():
-        got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
+    _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
     assert taken == [path]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_grouped_decode_path_with_every_slot_dropped():
@@ -216,12 +211,10 @@ def test_decode_paths_ignore_autocast_like_the_op(E, ids):
     """Under CPU bf16 autocast the light no-grad paths compute in the input dtype, as the custom op
     (not autocast-aware) does: same values, fp32 out."""
     g = torch.Generator().manual_seed(6)
-    pool = ExpertPool(E, 12, 8)
-    for p in pool.parameters():
-        p.data.normal_(0, 0.3, generator=g)
+    pool = _random_pool(E, 8, g)
     ids_TK = torch.tensor(ids)
     x_TD, weights_TK = torch.randn(len(ids), 12, generator=g), torch.rand(ids_TK.shape, generator=g)
-    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()  # outside autocast: fp32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = BACKENDS["torch"](x_TD, weights_TK, ids_TK, pool)
     assert got.dtype == torch.float32
