@@ -58,21 +58,23 @@ def expert_spans(counts_E: Tensor) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _quick_gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
+def _quick_gelu_backward(grad: Tensor, x: Tensor, out: Tensor) -> Tensor:
     s = torch.sigmoid(1.702 * x)
-    return grad * s * (1 + 1.702 * x * (1 - s))
+    return torch.mul(grad, s * (1 + 1.702 * x * (1 - s)), out=out)
 
 
-# d activation(x) / dx as a function of (incoming gradient, x). Autograd cannot be used inside a
-# custom op (it runs below the autograd dispatch key), so each derivative is written out; the
-# ATen backward kernels are single fused passes.
+# d activation(x) / dx as a function of (incoming gradient, x), written into `out`, which may be
+# the incoming gradient itself. Autograd cannot be used inside a custom op (it runs below the
+# autograd dispatch key), so each derivative is written out; the ATen backward kernels are single
+# fused passes, and their out variants spare a buffer and a copy per expert.
 ACTIVATION_BACKWARD = {
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="none"),
-    "gelu_new": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda grad, x: torch.ops.aten.gelu_backward(grad, x, approximate="tanh"),
+    "silu": lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out),
+    "gelu": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="none", grad_input=out),
+    "gelu_new": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=out),
+    "gelu_pytorch_tanh": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(
+        grad, x, approximate="tanh", grad_input=out),
     "quick_gelu": _quick_gelu_backward,
-    "relu": lambda grad, x: grad * (x > 0),
+    "relu": lambda grad, x, out: torch.mul(grad, x > 0, out=out),
 }
 
 
@@ -93,12 +95,13 @@ def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: st
     """(activation output recomputed from h, gradient of h)."""
     act, act_backward = _activation_fn(activation), ACTIVATION_BACKWARD[activation]
     if not gated:
-        return act(h_NR), act_backward(grad_NI, h_NR)
+        return act(h_NR), act_backward(grad_NI, h_NR, torch.empty_like(h_NR))
     gate_NI, up_NI = h_NR.chunk(2, dim=-1)
     act_NI = act(gate_NI)
     grad_NR = torch.empty_like(h_NR)
-    torch.mul(grad_NI, act_NI, out=grad_NR[:, gate_NI.shape[1]:])
-    grad_NR[:, : gate_NI.shape[1]] = act_backward(grad_NI * up_NI, gate_NI)
+    grad_gate_NI, grad_up_NI = grad_NR.chunk(2, dim=-1)
+    torch.mul(grad_NI, act_NI, out=grad_up_NI)
+    act_backward(torch.mul(grad_NI, up_NI, out=grad_gate_NI), gate_NI, grad_gate_NI)
     return act_NI.mul_(up_NI), grad_NR
 
 
@@ -166,9 +169,12 @@ def sorted_forward(
         h_NR = h_AR[start:end]
         x_ND = x_TD.index_select(0, tok_A[start:end])
         _linear_into(h_NR, x_ND, w_in_ERD[e].t(), None if b_in_ER is None else b_in_ER[e])
-        a_NI = activate(h_NR, gated, activation)
-        y_ND = F.linear(a_NI, w_out_EDI[e], None if b_out_ED is None else b_out_ED[e])
-        torch.mul(y_ND, gate_A1[start:end], out=weighted_AD[start:end])
+        # The gate scales the N x I activation rather than the N x D output: a smaller pass, and
+        # the down projection writes its result in place.
+        a_NI = activate(h_NR, gated, activation).mul_(gate_A1[start:end])
+        torch.mm(a_NI, w_out_EDI[e].t(), out=weighted_AD[start:end])
+        if b_out_ED is not None:
+            weighted_AD[start:end].addmm_(gate_A1[start:end], b_out_ED[e][None])
 
     run_experts(expert, spans)
     y_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, weighted_AD)

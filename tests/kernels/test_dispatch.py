@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from moebuild.kernels import torch_sorted
 from moebuild.moe.dispatch import BACKENDS, get_dispatch, runs_on
 from moebuild.moe.experts import ExpertPool
 
@@ -141,8 +142,6 @@ def _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK):
 
 
 def _record_paths(monkeypatch) -> list[str]:
-    from moebuild.kernels import torch_sorted
-
     taken = []
     for name in ("one_expert_forward", "few_tokens_forward", "grouped_forward", "_sorted_op_dispatch"):
         def recorded(*args, _name=name, _fn=getattr(torch_sorted, name)):
@@ -197,12 +196,10 @@ def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, 
 
 
 def test_grouped_decode_path_with_every_slot_dropped():
-    from moebuild.kernels.torch_sorted import grouped_forward
-
     pool = ExpertPool(3, 12, 8)
     x_TD = torch.randn(6, 12)
     with torch.no_grad():
-        y_TD = grouped_forward(x_TD, torch.rand(6, 2), torch.full((6, 2), -1), pool)
+        y_TD = torch_sorted.grouped_forward(x_TD, torch.rand(6, 2), torch.full((6, 2), -1), pool)
     assert torch.equal(y_TD, torch.zeros_like(x_TD))
 
 
@@ -228,3 +225,24 @@ def test_meta_tensors_take_the_op_and_its_fake():
             y = BACKENDS["torch"](torch.empty(T, 12, device="meta"), torch.empty(T, K, device="meta"),
                                   torch.empty(T, K, dtype=torch.long, device="meta"), pool)
             assert y.shape == (T, 12) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("activation", sorted(torch_sorted.ACTIVATION_BACKWARD))
+@pytest.mark.parametrize("gated", [True, False])
+def test_activation_backward_matches_autograd(activation, gated):
+    """The written-out derivatives the torch backend's backward uses against autograd through
+    transformers' ACT2FN modules. The gated form writes each derivative over its incoming
+    gradient; the plain form is also checked that way."""
+    g = torch.Generator().manual_seed(0)
+    h_NR = (torch.randn(5, 8, generator=g) * 3).requires_grad_()
+    a_NI = torch_sorted.activate(h_NR, gated, activation)
+    grad_NI = torch.randn(a_NI.shape, generator=g)
+    (want_dh,) = torch.autograd.grad(a_NI, h_NR, grad_NI)
+    with torch.no_grad():
+        got_a, got_dh = torch_sorted.activate_backward(h_NR, grad_NI, gated, activation)
+        torch.testing.assert_close(got_a, a_NI)
+        torch.testing.assert_close(got_dh, want_dh)
+        if not gated:
+            in_place = grad_NI.clone()
+            torch_sorted.ACTIVATION_BACKWARD[activation](in_place, h_NR, in_place)
+            torch.testing.assert_close(in_place, want_dh)
