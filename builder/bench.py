@@ -172,7 +172,9 @@ def time_layers(layers: dict[str, tuple[Layer, Params]], x_TD: Tensor, weights_T
     """name -> (median forward ms, median forward+backward ms or None).
 
     Round-robin: each round times every layer once, so a change in the machine's load (other
-    processes share the cores) falls on all of them alike rather than on whichever ran then.
+    processes share the cores) falls on all of them alike rather than on whichever ran then; odd
+    rounds go in reverse, so no layer always runs right after the same other one (whose freed
+    memory and cache state it would inherit).
     """
     modes = 2 if backward else 1
     calls = {name: steps(*lp, x_TD, weights_TK, ids_TK)[:modes] for name, lp in layers.items()}
@@ -180,10 +182,11 @@ def time_layers(layers: dict[str, tuple[Layer, Params]], x_TD: Tensor, weights_T
         for fn in fns:
             fn()
     samples = {name: [[] for _ in range(modes)] for name in calls}
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
         for mode in range(modes):
-            for name, fns in calls.items():
-                samples[name][mode].append(sample_ms(fns[mode], x_TD.device))
+            for name in order:
+                samples[name][mode].append(sample_ms(calls[name][mode], x_TD.device))
     return {name: (statistics.median(s[0]), statistics.median(s[1]) if backward else None)
             for name, s in samples.items()}
 
