@@ -63,6 +63,10 @@ def _quick_gelu_backward(grad: Tensor, x: Tensor, out: Tensor) -> Tensor:
     return torch.mul(grad, s * (1 + 1.702 * x * (1 - s)), out=out)
 
 
+def _gelu_tanh_backward(grad: Tensor, x: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=out)
+
+
 # d activation(x) / dx as a function of (incoming gradient, x), written into `out`, which may be
 # the incoming gradient itself. Autograd cannot be used inside a custom op (it runs below the
 # autograd dispatch key), so each derivative is written out; the ATen backward kernels are single
@@ -70,9 +74,8 @@ def _quick_gelu_backward(grad: Tensor, x: Tensor, out: Tensor) -> Tensor:
 ACTIVATION_BACKWARD = {
     "silu": lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out),
     "gelu": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="none", grad_input=out),
-    "gelu_new": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=out),
-    "gelu_pytorch_tanh": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(
-        grad, x, approximate="tanh", grad_input=out),
+    "gelu_new": _gelu_tanh_backward,
+    "gelu_pytorch_tanh": _gelu_tanh_backward,
     "quick_gelu": _quick_gelu_backward,
     "relu": lambda grad, x, out: torch.mul(grad, x > 0, out=out),
 }
@@ -169,12 +172,10 @@ def sorted_forward(
         h_NR = h_AR[start:end]
         x_ND = x_TD.index_select(0, tok_A[start:end])
         _linear_into(h_NR, x_ND, w_in_ERD[e].t(), None if b_in_ER is None else b_in_ER[e])
-        # The gate scales the N x I activation rather than the N x D output: a smaller pass, and
-        # the down projection writes its result in place.
-        a_NI = activate(h_NR, gated, activation).mul_(gate_A1[start:end])
-        torch.mm(a_NI, w_out_EDI[e].t(), out=weighted_AD[start:end])
-        if b_out_ED is not None:
-            weighted_AD[start:end].addmm_(gate_A1[start:end], b_out_ED[e][None])
+        a_NI = activate(h_NR, gated, activation)
+        y_ND = weighted_AD[start:end]  # the down projection writes in place, then takes its gate
+        _linear_into(y_ND, a_NI, w_out_EDI[e].t(), None if b_out_ED is None else b_out_ED[e])
+        y_ND.mul_(gate_A1[start:end])
 
     run_experts(expert, spans)
     y_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, weighted_AD)
