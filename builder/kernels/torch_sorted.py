@@ -31,6 +31,11 @@ other processes on the same cores:
 - Decode steps (up to 16 tokens, no autograd) skip the sorted op: `few_tokens_forward`,
   `grouped_forward`.
 
+Where the time goes (config B, 2048 tokens, fwd+bwd; BENCHMARKS.md): 1.26x the dense equivalent's
+CPU time. The matmuls are the same FLOPs at the same per-core rate; the rest is the activation
+passes, gathers and scatter-adds, and the kernel zeroing fresh pages for the 384 MB of weight
+gradients and the A-row buffers every step (glibc maps 32 MiB and more anew each time).
+
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
 """
