@@ -7,8 +7,9 @@ from click.testing import CliRunner
 
 from moebuild.cli import main
 
+# Two repeats, so the second (reversed-order) round of time_layers runs too.
 ARGS = ["bench", "moe", "--experts", "4", "--top-k", "2", "--hidden", "32", "--intermediate", "16",
-        "--shared-experts", "8", "--tokens", "1", "--tokens", "5", "--backward", "--repeats", "1", "--json"]
+        "--shared-experts", "8", "--tokens", "1", "--tokens", "5", "--backward", "--repeats", "2", "--json"]
 
 
 @pytest.fixture(scope="module")

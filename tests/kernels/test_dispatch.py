@@ -234,9 +234,10 @@ def test_activation_backward_matches_autograd(activation, gated):
     transformers' ACT2FN modules. The gated form writes each derivative over its incoming
     gradient; the plain form is also checked that way."""
     g = torch.Generator().manual_seed(0)
-    h_NR = (torch.randn(5, 8, generator=g) * 3).requires_grad_()
+    # float64, and rows wider than one vector register, so the vectorised loops run on the halves
+    h_NR = (torch.randn(7, 42, generator=g, dtype=torch.float64) * 3).requires_grad_()
     a_NI = torch_sorted.activate(h_NR, gated, activation)
-    grad_NI = torch.randn(a_NI.shape, generator=g)
+    grad_NI = torch.randn(a_NI.shape, generator=g, dtype=torch.float64)
     (want_dh,) = torch.autograd.grad(a_NI, h_NR, grad_NI)
     with torch.no_grad():
         got_a, got_dh = torch_sorted.activate_backward(h_NR, grad_NI, gated, activation)
