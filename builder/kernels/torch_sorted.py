@@ -28,8 +28,8 @@ other processes on the same cores:
 - The expert outputs are not kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a>
   from the recomputed activation, which halves what a layer saves for the backward at config B
   (A x 2I floats, not A x (2I + D)).
-- Decode steps (up to 16 tokens, no autograd) skip the sorted op: `few_tokens_forward`,
-  `grouped_forward`.
+- Decode steps (no autograd, fewer than `WORKER_MIN_ROWS` slots) skip the sorted op:
+  `few_tokens_forward`, `grouped_forward`.
 
 Where the time goes (config B, 2048 tokens, fwd+bwd; BENCHMARKS.md): 1.26x the dense equivalent's
 CPU time. The matmuls are the same FLOPs at the same per-core rate; the rest is the activation
@@ -114,6 +114,7 @@ def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: st
 
 
 _WORKERS: dict[int, ThreadPoolExecutor] = {}
+WORKER_MIN_ROWS = 64  # fewer rows in all: one thread runs the experts (and decode takes grouped_mm)
 
 
 def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, int, int]]) -> None:
@@ -130,7 +131,7 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
     workers, 6.6 ms without).
     """
     threads = torch.get_num_threads()
-    if threads == 1 or len(spans) < 2 * threads or spans[-1][2] < 64:
+    if threads == 1 or len(spans) < 2 * threads or spans[-1][2] < WORKER_MIN_ROWS:
         for span in spans:
             expert(*span)
         return
@@ -273,14 +274,16 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
 
 
 def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """Decode batches (a few to a dozen tokens, no autograd): each projection is one
-    `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
+    """Decode batches (3 tokens up to `WORKER_MIN_ROWS` slots, no autograd): each projection is
+    one `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
 
-    At these sizes most experts get one or two rows and the sorted op's per-expert Python (~15
-    ops each) costs more than the matmuls save; on big inputs grouped_mm is no faster than the
-    loop (cpu-dispatch-notes.md finding 2). Forward, interleaved, median of 20, this path /
-    `few_tokens_forward` / transformers grouped_mm: config B 8 tokens 29.6 / 32.6 / 27.8 ms,
-    16 tokens 35.8 / 37.4 / 41.6; config A 8 tokens 30.3 / 31.8 / 29.3. Needs `grouped_fits`.
+    Below that many slots the sorted op runs its experts on one thread, and its per-expert Python
+    (~15 ops each) costs more than the matmuls save; from there on its worker threads win. Forward,
+    interleaved, median of 20, this path / the sorted op / transformers grouped_mm: config B
+    (K 6) 10 tokens 34.4 / 35.0 / 32.7 ms, 12 tokens 36.1 / 33.3 / 37.9, 16 tokens 46.3 / 39.5 /
+    49.8; config A (K 2) 24 tokens 72.6 / 86.0 / 79.7, 31 tokens 72.0 / 75.1 / 70.1, 32 tokens
+    67.3 / 58.5 / 66.2. On big inputs grouped_mm is no faster than the loop (cpu-dispatch-notes.md
+    finding 2). Needs `grouped_fits`.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
@@ -321,9 +324,10 @@ def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
     return y_TD.mul_(weights_TK.to(y_TD.dtype))
 
 
-# Without autograd, up to FEW_TOKENS tokens take few_tokens_forward, up to GROUPED_TOKENS
-# grouped_forward; past that, and whenever gradients are needed, the sorted op.
-FEW_TOKENS, GROUPED_TOKENS = 2, 16
+# Without autograd, up to FEW_TOKENS tokens take few_tokens_forward, then grouped_forward while
+# the slots are too few for the sorted op's workers; past that, and whenever gradients are
+# needed, the sorted op.
+FEW_TOKENS = 2
 
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
@@ -336,6 +340,6 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
                 return one_expert_forward(x_TD, weights_TK, pool)
             if x_TD.shape[0] <= FEW_TOKENS:
                 return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
-            if x_TD.shape[0] <= GROUPED_TOKENS and grouped_fits(x_TD, pool):
+            if ids_TK.numel() < WORKER_MIN_ROWS and grouped_fits(x_TD, pool):
                 return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

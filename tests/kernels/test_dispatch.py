@@ -199,11 +199,13 @@ def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypat
 
 
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
-@pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (9, 10, "_sorted_op_dispatch"),
-                                        (17, 8, "_sorted_op_dispatch"), (2, 8, "few_tokens_forward")])
+@pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (21, 8, "grouped_forward"),
+                                        (9, 10, "_sorted_op_dispatch"), (22, 8, "_sorted_op_dispatch"),
+                                        (2, 8, "few_tokens_forward")])
 def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch):
-    """No-grad batches: up to 2 tokens the Python grouping, up to 16 one grouped_mm per projection
-    where its 16-byte strides fit (I=10 fp32 rows are 40 bytes: they do not), else the sorted op."""
+    """No-grad batches: up to 2 tokens the Python grouping, then one grouped_mm per projection
+    while there are fewer than WORKER_MIN_ROWS (64) slots (21 x 3 = 63; 22 x 3 = 66 is the sorted
+    op's) and its 16-byte strides fit (I=10 fp32 rows are 40 bytes: they do not)."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(4)
     pool = _random_pool(5, I, g, **pool_kwargs)
