@@ -28,7 +28,7 @@ other processes on the same cores:
 - The expert outputs are not kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a>
   from the recomputed activation, which halves what a layer saves for the backward at config B
   (A x 2I floats, not A x (2I + D)).
-- Decode steps (no autograd, fewer than `WORKER_MIN_ROWS` slots) skip the sorted op:
+- Decode steps (no autograd) skip the sorted op where its workers would not run:
   `few_tokens_forward`, `grouped_forward`.
 
 Where the time goes (config B, 2048 tokens, fwd+bwd; BENCHMARKS.md): 1.26x the dense equivalent's
@@ -114,10 +114,20 @@ def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: st
 
 
 _WORKERS: dict[int, ThreadPoolExecutor] = {}
-WORKER_MIN_ROWS = 64  # fewer rows in all: one thread runs the experts (and decode takes grouped_mm)
+# The experts go to the worker threads from this many rows in all, or, with fewer (decode), from
+# this many bytes of expert weights to read (with a row or two per expert, each expert's work is
+# streaming its weights once, and two threads stream twice as fast).
+WORKER_MIN_ROWS, WORKER_MIN_BYTES = 64, 160 << 20
 
 
-def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, int, int]]) -> None:
+def workers_pay(rows: int, experts: int, expert_bytes: int) -> bool:
+    """Whether `run_experts` spreads `experts` experts with `rows` rows in all over its workers."""
+    threads = torch.get_num_threads()
+    return (threads > 1 and experts >= 2 * threads
+            and (rows >= WORKER_MIN_ROWS or experts * expert_bytes >= WORKER_MIN_BYTES))
+
+
+def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, int, int]], expert_bytes: int) -> None:
     """Run `expert(e, start, end)` for every span: one expert per CPU thread rather than every
     thread on each expert's small matmuls.
 
@@ -125,13 +135,13 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
     forward): 2 threads inside each mm 1376-2578 ms, experts over 2 single-threaded workers
     894-1066 ms. Each matmul's parallel region ends at a barrier that waits for a preempted
     thread; the workers take experts from a queue (largest first) and never wait on each other.
-    Intra-op threads are set to 1 for the loop and restored after. The loop stays plain on one
-    thread, with fewer experts than twice the threads, or under 64 rows (decode): switching the
-    thread count costs more than it saves there (config B, 1 token, forward: 10.1 ms with the
-    workers, 6.6 ms without).
+    Intra-op threads are set to 1 for the loop and restored after. The loop stays plain where
+    `workers_pay` says so: on one thread, with fewer experts than twice the threads, or with little
+    work (config B, 1 token, forward: 10.1 ms with the workers, 6.6 ms without). `expert_bytes`:
+    the weights of one expert.
     """
     threads = torch.get_num_threads()
-    if threads == 1 or len(spans) < 2 * threads or spans[-1][2] < WORKER_MIN_ROWS:
+    if not workers_pay(spans[-1][2] if spans else 0, len(spans), expert_bytes):
         for span in spans:
             expert(*span)
         return
@@ -144,6 +154,10 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
             future.result()
     finally:
         torch.set_num_threads(threads)
+
+
+def expert_bytes(w_in_ERD: Tensor, w_out_EDI: Tensor) -> int:
+    return (w_in_ERD[0].numel() + w_out_EDI[0].numel()) * w_in_ERD.element_size()
 
 
 def _without_grad(expert: Callable[[int, int, int], None], *span: int) -> None:
@@ -183,7 +197,7 @@ def sorted_forward(
         _linear_into(y_ND, a_NI, w_out_EDI[e].t(), None if b_out_ED is None else b_out_ED[e])
         y_ND.mul_(gate_A1[start:end])
 
-    run_experts(expert, spans)
+    run_experts(expert, spans, expert_bytes(w_in_ERD, w_out_EDI))
     y_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, weighted_AD)
     return y_TD, order_A, counts_E, h_AR, x_TD.new_empty(0, D)  # no expert outputs kept
 
@@ -222,7 +236,7 @@ def sorted_backward(
         if b_in_ER is not None:
             torch.sum(dh_NR, dim=0, out=db_in[e])
 
-    run_experts(expert, spans)
+    run_experts(expert, spans, expert_bytes(w_in_ERD, w_out_EDI))
     dweights_A = weights_TK.new_zeros(weights_TK.numel())  # dropped slots get 0
     dweights_A[slot_A] = dgate_A.to(weights_TK.dtype)
     dx_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, dx_AD)
@@ -274,16 +288,17 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
 
 
 def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """Decode batches (3 tokens up to `WORKER_MIN_ROWS` slots, no autograd): each projection is
-    one `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
+    """Decode batches too small for the sorted op's workers (no autograd): each projection is one
+    `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
 
-    Below that many slots the sorted op runs its experts on one thread, and its per-expert Python
-    (~15 ops each) costs more than the matmuls save; from there on its worker threads win. Forward,
-    interleaved, median of 20, this path / the sorted op / transformers grouped_mm: config B
-    (K 6) 10 tokens 34.4 / 35.0 / 32.7 ms, 12 tokens 36.1 / 33.3 / 37.9, 16 tokens 46.3 / 39.5 /
-    49.8; config A (K 2) 24 tokens 72.6 / 86.0 / 79.7, 31 tokens 72.0 / 75.1 / 70.1, 32 tokens
-    67.3 / 58.5 / 66.2. On big inputs grouped_mm is no faster than the loop (cpu-dispatch-notes.md
-    finding 2). Needs `grouped_fits`.
+    Where the sorted op would run its experts on one thread, its per-expert Python (~15 ops each)
+    costs more than the matmuls save; where its workers run, they win by streaming the weights on
+    both cores. Forward, interleaved, median of 20-30, this path / the sorted op with its workers:
+    config B (64 experts of 6.3 MB) 3 tokens 12.2 / 13.2 ms, 4 tokens 15.1 / 15.7, 5 tokens 17.8 /
+    17.7, 6 tokens 27.2 / 24.6, 10 tokens 36.9 / 30.5; config A (8 of 34.6 MB) 3 tokens 17.5 /
+    15.7, 6 tokens 35.7 / 27.4, 16 tokens 75.7 / 55.4: the crossover is at 150-200 MB of expert
+    weights, whatever the expert size (`WORKER_MIN_BYTES`). On big inputs grouped_mm is no faster
+    than the loop (cpu-dispatch-notes.md finding 2). Needs `grouped_fits`.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
@@ -325,9 +340,15 @@ def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
 
 
 # Without autograd, up to FEW_TOKENS tokens take few_tokens_forward, then grouped_forward while
-# the slots are too few for the sorted op's workers; past that, and whenever gradients are
+# the sorted op would run its experts on one thread; past that, and whenever gradients are
 # needed, the sorted op.
 FEW_TOKENS = 2
+
+
+def _sorted_op_uses_workers(ids_TK: Tensor, pool) -> bool:
+    kept_A = ids_TK[ids_TK >= 0]
+    w_in, _, w_out, _ = pool.stacked()
+    return workers_pay(kept_A.numel(), kept_A.unique().numel(), expert_bytes(w_in, w_out))
 
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
@@ -340,6 +361,6 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
                 return one_expert_forward(x_TD, weights_TK, pool)
             if x_TD.shape[0] <= FEW_TOKENS:
                 return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
-            if ids_TK.numel() < WORKER_MIN_ROWS and grouped_fits(x_TD, pool):
+            if grouped_fits(x_TD, pool) and not _sorted_op_uses_workers(ids_TK, pool):
                 return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

@@ -200,12 +200,13 @@ def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypat
 
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
 @pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (21, 8, "grouped_forward"),
-                                        (9, 10, "_sorted_op_dispatch"), (22, 8, "_sorted_op_dispatch"),
+                                        (9, 10, "_sorted_op_dispatch"), (40, 8, "_sorted_op_dispatch"),
                                         (2, 8, "few_tokens_forward")])
 def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch):
     """No-grad batches: up to 2 tokens the Python grouping, then one grouped_mm per projection
-    while there are fewer than WORKER_MIN_ROWS (64) slots (21 x 3 = 63; 22 x 3 = 66 is the sorted
-    op's) and its 16-byte strides fit (I=10 fp32 rows are 40 bytes: they do not)."""
+    while the sorted op would run its experts on one thread (here: fewer than WORKER_MIN_ROWS = 64
+    kept slots; 40 x 3 slots less ~30% dropped are more) and its 16-byte strides fit (I=10 fp32
+    rows are 40 bytes: they do not)."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(4)
     pool = _random_pool(5, I, g, **pool_kwargs)
@@ -213,6 +214,27 @@ def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, 
     ids_TK = random_ids(T, 3, 5, g).masked_fill(torch.rand(T, 3, generator=g) < 0.3, -1)
     _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
     assert taken == [path]
+
+
+def test_decode_with_enough_expert_weights_takes_the_sorted_op_on_its_workers(monkeypatch):
+    """A few rows over big experts (config A decode): the sorted op with its worker threads, once
+    the experts with rows hold WORKER_MIN_BYTES of weights between them."""
+    taken = _record_paths(monkeypatch)
+    on_workers = []
+    on_worker = torch_sorted._without_grad
+    monkeypatch.setattr(torch_sorted, "_without_grad", lambda expert, *span: on_workers.append(span) or on_worker(expert, *span))
+    g = torch.Generator().manual_seed(6)
+    pool = _random_pool(5, 8, g)
+    x_TD, weights_TK = torch.randn(4, 12, generator=g), torch.rand(4, 2, generator=g)
+    ids_TK = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])
+    big_enough = 5 * torch_sorted.expert_bytes(*pool.stacked()[::2])
+    monkeypatch.setattr(torch_sorted, "WORKER_MIN_BYTES", big_enough + 1)
+    _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
+    monkeypatch.setattr(torch_sorted, "WORKER_MIN_BYTES", big_enough)
+    _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
+    assert taken == ["grouped_forward", "_sorted_op_dispatch"]
+    if torch.get_num_threads() > 1:
+        assert sorted(e for e, _, _ in on_workers) == [0, 1, 2, 3, 4]
 
 
 def test_grouped_decode_path_with_every_slot_dropped():
