@@ -28,8 +28,8 @@ other processes on the same cores:
 - The expert outputs are not kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a>
   from the recomputed activation, which halves what a layer saves for the backward at config B
   (A x 2I floats, not A x (2I + D)).
-- Decode steps (no autograd) skip the sorted op where its workers would not run:
-  `few_tokens_forward`, `grouped_forward`.
+- Decode steps (no autograd, under 64 kept slots) skip the sorted op where its workers would
+  not run: `few_tokens_forward`, `grouped_forward`.
 
 Where the time goes (config B, 2048 tokens, fwd+bwd; BENCHMARKS.md): 1.26x the dense equivalent's
 CPU time. The matmuls are the same FLOPs at the same per-core rate; the rest is the activation
@@ -41,6 +41,7 @@ A = T*K slots, N rows of one expert.
 """
 
 import functools
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,14 +121,19 @@ _WORKERS: dict[int, ThreadPoolExecutor] = {}
 WORKER_MIN_ROWS, WORKER_MIN_BYTES = 64, 160 << 20
 
 
-def workers_pay(rows: int, experts: int, expert_bytes: int) -> bool:
-    """Whether `run_experts` spreads `experts` experts with `rows` rows in all over its workers."""
+def workers_pay(rows: int, experts: int, w_in_ERD: Tensor, w_out_EDI: Tensor) -> bool:
+    """Whether `run_experts` spreads `experts` experts with `rows` rows in all over its workers: on
+    CPU only (GPU kernels are asynchronous already, and a worker thread would launch them outside
+    the caller's stream)."""
     threads = torch.get_num_threads()
-    return (threads > 1 and experts >= 2 * threads
-            and (rows >= WORKER_MIN_ROWS or experts * expert_bytes >= WORKER_MIN_BYTES))
+    if w_in_ERD.device.type != "cpu" or threads == 1 or experts < 2 * threads:
+        return False
+    expert_bytes = (math.prod(w_in_ERD.shape[1:]) + math.prod(w_out_EDI.shape[1:])) * w_in_ERD.element_size()
+    return rows >= WORKER_MIN_ROWS or experts * expert_bytes >= WORKER_MIN_BYTES
 
 
-def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, int, int]], expert_bytes: int) -> None:
+def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, int, int]],
+                w_in_ERD: Tensor, w_out_EDI: Tensor) -> None:
     """Run `expert(e, start, end)` for every span: one expert per CPU thread rather than every
     thread on each expert's small matmuls.
 
@@ -137,11 +143,11 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
     thread; the workers take experts from a queue (largest first) and never wait on each other.
     Intra-op threads are set to 1 for the loop and restored after. The loop stays plain where
     `workers_pay` says so: on one thread, with fewer experts than twice the threads, or with little
-    work (config B, 1 token, forward: 10.1 ms with the workers, 6.6 ms without). `expert_bytes`:
-    the weights of one expert.
+    work (config B, 1 token, forward: 10.1 ms with the workers, 6.6 ms without). `w_in_ERD` and
+    `w_out_EDI`: the pool's weights, for their size and device.
     """
     threads = torch.get_num_threads()
-    if not workers_pay(spans[-1][2] if spans else 0, len(spans), expert_bytes):
+    if not workers_pay(spans[-1][2] if spans else 0, len(spans), w_in_ERD, w_out_EDI):
         for span in spans:
             expert(*span)
         return
@@ -154,10 +160,6 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
             future.result()
     finally:
         torch.set_num_threads(threads)
-
-
-def expert_bytes(w_in_ERD: Tensor, w_out_EDI: Tensor) -> int:
-    return (w_in_ERD[0].numel() + w_out_EDI[0].numel()) * w_in_ERD.element_size()
 
 
 def _without_grad(expert: Callable[[int, int, int], None], *span: int) -> None:
@@ -197,7 +199,7 @@ def sorted_forward(
         _linear_into(y_ND, a_NI, w_out_EDI[e].t(), None if b_out_ED is None else b_out_ED[e])
         y_ND.mul_(gate_A1[start:end])
 
-    run_experts(expert, spans, expert_bytes(w_in_ERD, w_out_EDI))
+    run_experts(expert, spans, w_in_ERD, w_out_EDI)
     y_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, weighted_AD)
     return y_TD, order_A, counts_E, h_AR, x_TD.new_empty(0, D)  # no expert outputs kept
 
@@ -236,7 +238,7 @@ def sorted_backward(
         if b_in_ER is not None:
             torch.sum(dh_NR, dim=0, out=db_in[e])
 
-    run_experts(expert, spans, expert_bytes(w_in_ERD, w_out_EDI))
+    run_experts(expert, spans, w_in_ERD, w_out_EDI)
     dweights_A = weights_TK.new_zeros(weights_TK.numel())  # dropped slots get 0
     dweights_A[slot_A] = dgate_A.to(weights_TK.dtype)
     dx_TD = zeros_huge_like(x_TD).index_add_(0, tok_A, dx_AD)
@@ -303,8 +305,8 @@ def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    kept = int(offs_E[-1])
-    if kept == 0:  # every slot dropped
+    kept = int(counts_E.sum())
+    if kept == 0:  # every slot dropped (or a pool without experts)
         return torch.zeros_like(x_TD)
     slot_A = order_A[:kept]
     tok_A = slot_A // ids_TK.shape[1]
@@ -345,10 +347,12 @@ def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
 FEW_TOKENS = 2
 
 
-def _sorted_op_uses_workers(ids_TK: Tensor, pool) -> bool:
+def _grouped_decode_pays(ids_TK: Tensor, pool) -> bool:
+    """Fewer kept slots than the sorted op spreads by rows, and too little expert weight for its
+    workers (the rule `run_experts` applies inside the op)."""
     kept_A = ids_TK[ids_TK >= 0]
     w_in, _, w_out, _ = pool.stacked()
-    return workers_pay(kept_A.numel(), kept_A.unique().numel(), expert_bytes(w_in, w_out))
+    return kept_A.numel() < WORKER_MIN_ROWS and not workers_pay(kept_A.numel(), kept_A.unique().numel(), w_in, w_out)
 
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
@@ -361,6 +365,6 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
                 return one_expert_forward(x_TD, weights_TK, pool)
             if x_TD.shape[0] <= FEW_TOKENS:
                 return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
-            if grouped_fits(x_TD, pool) and not _sorted_op_uses_workers(ids_TK, pool):
+            if grouped_fits(x_TD, pool) and _grouped_decode_pays(ids_TK, pool):
                 return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

@@ -143,6 +143,15 @@ def test_auto_backend_and_unknown_name():
         get_dispatch("cuda_magic", torch.device("cpu"))
 
 
+@pytest.fixture
+def two_threads():
+    """Which path the torch backend takes depends on the intra-op thread count (`workers_pay`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_pool(E, I, generator, **pool_kwargs):
     pool = ExpertPool(E, 12, I, **pool_kwargs)
     for p in pool.parameters():  # non-zero biases too
@@ -202,7 +211,7 @@ def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypat
 @pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (21, 8, "grouped_forward"),
                                         (9, 10, "_sorted_op_dispatch"), (40, 8, "_sorted_op_dispatch"),
                                         (2, 8, "few_tokens_forward")])
-def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch):
+def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch, two_threads):
     """No-grad batches: up to 2 tokens the Python grouping, then one grouped_mm per projection
     while the sorted op would run its experts on one thread (here: fewer than WORKER_MIN_ROWS = 64
     kept slots; 40 x 3 slots less ~30% dropped are more) and its 16-byte strides fit (I=10 fp32
@@ -216,7 +225,7 @@ def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, 
     assert taken == [path]
 
 
-def test_decode_with_enough_expert_weights_takes_the_sorted_op_on_its_workers(monkeypatch):
+def test_decode_with_enough_expert_weights_takes_the_sorted_op_on_its_workers(monkeypatch, two_threads):
     """A few rows over big experts (config A decode): the sorted op with its worker threads, once
     the experts with rows hold WORKER_MIN_BYTES of weights between them."""
     taken = _record_paths(monkeypatch)
@@ -227,14 +236,32 @@ def test_decode_with_enough_expert_weights_takes_the_sorted_op_on_its_workers(mo
     pool = _random_pool(5, 8, g)
     x_TD, weights_TK = torch.randn(4, 12, generator=g), torch.rand(4, 2, generator=g)
     ids_TK = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])
-    big_enough = 5 * torch_sorted.expert_bytes(*pool.stacked()[::2])
+    big_enough = 5 * (pool.gate_up_proj[0].numel() + pool.down_proj[0].numel()) * 4  # 5 experts, fp32
     monkeypatch.setattr(torch_sorted, "WORKER_MIN_BYTES", big_enough + 1)
     _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
     monkeypatch.setattr(torch_sorted, "WORKER_MIN_BYTES", big_enough)
     _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK)
     assert taken == ["grouped_forward", "_sorted_op_dispatch"]
-    if torch.get_num_threads() > 1:
-        assert sorted(e for e, _, _ in on_workers) == [0, 1, 2, 3, 4]
+    assert sorted(e for e, _, _ in on_workers) == [0, 1, 2, 3, 4]
+
+
+def test_workers_only_for_cpu_weights(two_threads):
+    """Off the CPU the experts stay on the calling thread, whatever their size: a worker thread
+    would launch GPU kernels outside the caller's stream."""
+    w_in_ERD, w_out_EDI = torch.empty(8, 64, 32), torch.empty(8, 32, 32)
+    assert torch_sorted.workers_pay(100, 8, w_in_ERD, w_out_EDI)
+    assert not torch_sorted.workers_pay(100, 8, w_in_ERD.to("meta"), w_out_EDI.to("meta"))
+
+
+@pytest.mark.parametrize("T", [5, 20])
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_backend_pool_without_experts(T, grad):
+    """Every slot dropped into a pool of no experts (the decode paths, and the op): zeros."""
+    pool = ExpertPool(0, 12, 8)
+    x_TD = torch.randn(T, 12, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y_TD = BACKENDS["torch"](x_TD, torch.rand(T, 2), torch.full((T, 2), -1), pool)
+    assert torch.equal(y_TD.detach(), torch.zeros(T, 12))
 
 
 def test_grouped_decode_path_with_every_slot_dropped():
