@@ -175,6 +175,14 @@ def _linear_into(out: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> None:
         torch.addmm(b, x, w_t, out=out)
 
 
+def _kept_slots(order_A: Tensor, counts_E: Tensor, weights_TK: Tensor, dtype: torch.dtype):
+    """(spans, slot_A, tok_A, gate_A1) of the kept slots in expert order: each expert's span of
+    rows, the slots, their tokens, and their gate weights as a column in `dtype`."""
+    spans = expert_spans(counts_E)
+    slot_A = order_A[: spans[-1][2] if spans else 0]
+    return spans, slot_A, slot_A // weights_TK.shape[1], weights_TK.reshape(-1)[slot_A, None].to(dtype)
+
+
 def sorted_forward(
     x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, w_in_ERD: Tensor, b_in_ER: Tensor | None,
     w_out_EDI: Tensor, b_out_ED: Tensor | None, gated: bool, activation: str,
@@ -182,10 +190,8 @@ def sorted_forward(
     T, K = ids_TK.shape
     D, R = x_TD.shape[1], w_in_ERD.shape[1]
     order_A, counts_E = sort_by_expert(ids_TK, w_in_ERD.shape[0])
-    spans = expert_spans(counts_E)
-    kept = spans[-1][2] if spans else 0
-    tok_A = order_A[:kept] // K
-    gate_A1 = weights_TK.reshape(-1)[order_A[:kept], None].to(x_TD.dtype)
+    spans, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
+    kept = len(slot_A)
     h_AR = empty_huge((T * K, R), x_TD)
     h_AR[kept:] = 0  # dropped slots' rows: never read, zeroed to keep the op deterministic
     weighted_AD = empty_huge((kept, D), x_TD)
@@ -209,13 +215,10 @@ def sorted_backward(
     w_out_EDI: Tensor, b_out_ED: Tensor | None, order_A: Tensor, counts_E: Tensor, h_AR: Tensor,
     _y_AD: Tensor, gated: bool, activation: str,  # the 0-row y_AD of sorted_forward: nothing kept
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    K, D = weights_TK.shape[1], x_TD.shape[1]
-    spans = expert_spans(counts_E)
-    kept = spans[-1][2] if spans else 0
-    slot_A = order_A[:kept]
-    tok_A = slot_A // K
+    D = x_TD.shape[1]
+    spans, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
+    kept = len(slot_A)
     dx_AD = empty_huge((kept, D), x_TD)
-    gate_A1 = weights_TK.reshape(-1)[slot_A, None].to(x_TD.dtype)
     dgate_A = x_TD.new_empty(kept)
     empty = [e for e, count in enumerate(counts_E.tolist()) if not count]
     dw_in, dw_out = _zeros_where_empty(w_in_ERD, empty), _zeros_where_empty(w_out_EDI, empty)
@@ -266,7 +269,7 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
     for its backward, spends ~15 per expert plus ~25 fixed). Forward, interleaved, median of 20,
     this path / the sorted op / transformers grouped_mm: config B 1 token 4.1 / 4.9 / 4.3 ms,
     2 tokens 8.7 / 9.3 / 8.7, 4 tokens 14.9 / 15.2 / 13.9, 8 tokens 27.9 / 26.4 / 24.2; config A
-    1 token 5.0 / 5.8 / 5.5. From 3-4 tokens on, `grouped_forward` is faster.
+    1 token 5.0 / 5.8 / 5.5. From 3-4 tokens on, `grouped_forward` or the sorted op's workers are faster.
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     slots: dict[int, tuple[list[int], list[float]]] = {}
