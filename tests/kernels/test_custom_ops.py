@@ -48,3 +48,19 @@ def test_torch_compile_fullgraph_traces_the_custom_op():
     (got_dx,) = torch.autograd.grad(got.square().sum(), x_TD)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_dx, want_dx)
+
+
+def test_backward_gets_no_zero_filled_gradients_for_the_saved_buffers():
+    """Only y_TD is differentiable: autograd must not materialize a zero gradient the size of the
+    pre-activation buffer h_AR (A x 2I) for the backward to ignore."""
+    pool, x_TD, weights_TK, ids_TK = make_case("basic")
+    A, R = ids_TK.numel(), 2 * pool.intermediate_size
+    w_in, b_in, w_out, b_out = pool.stacked()
+    outputs = sorted_experts(x_TD.requires_grad_(), weights_TK, ids_TK, w_in, b_in, w_out, b_out,
+                             pool.gated, pool.activation)
+    assert outputs[3].shape == (A, R) and not outputs[3].requires_grad
+    with torch.profiler.profile(record_shapes=True) as prof:
+        outputs[0].sum().backward()
+    filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
+    assert [A, R] not in filled
+    assert x_TD.grad is not None
