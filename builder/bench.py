@@ -138,7 +138,19 @@ def _sync(device: torch.device) -> None:
 
 
 def sample_ms(step: Callable[[], None], device: torch.device) -> float:
-    """The time of one call in ms, averaged over as many calls as fill MIN_SAMPLE_S."""
+    """The time of one call in ms, averaged over as many calls as fill MIN_SAMPLE_S, after one
+    untimed call.
+
+    The untimed call puts the implementation in its own steady state, as a training loop that
+    repeats the layer would. Without it, a sample at training sizes is the first call after
+    another implementation, and pays for the memory that one freed: on the project's VM
+    (Firecracker, free page reporting) freed blocks go back to the host and the next process
+    to touch them takes host faults. Config A, 2048 tokens, fwd+bwd, medians of 5: moebuild
+    torch 1661 ms (0.30 s in the kernel) timed straight after transformers grouped_mm, 1502 ms
+    (0.14 s) after a call of its own; the dense layer 1528 and 1471 ms.
+    """
+    step()
+    _sync(device)
     calls, start = 0, time.perf_counter()
     while True:
         step()
@@ -173,14 +185,11 @@ def time_layers(layers: dict[str, tuple[Layer, Params]], x_TD: Tensor, weights_T
 
     Round-robin: each round times every layer once, so a change in the machine's load (other
     processes share the cores) falls on all of them alike rather than on whichever ran then; odd
-    rounds go in reverse, so no layer always runs right after the same other one (whose freed
-    memory and cache state it would inherit).
+    rounds go in reverse, so no layer always runs right after the same other one. Each sample
+    starts with an untimed call (`sample_ms`), which also warms up.
     """
     modes = 2 if backward else 1
     calls = {name: steps(*lp, x_TD, weights_TK, ids_TK)[:modes] for name, lp in layers.items()}
-    for fns in calls.values():  # warm-up
-        for fn in fns:
-            fn()
     samples = {name: [[] for _ in range(modes)] for name in calls}
     for round_ in range(repeats):
         order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
