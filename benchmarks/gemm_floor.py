@@ -7,10 +7,11 @@ backward (gate/up, down; d activation, d W_out, d W_in, d x):
   every token), writing into buffers allocated once, so no gather, activation, scatter or fresh
   memory is counted: the best case for the experts;
 - for the dense equivalent (K*I + S wide) on all T tokens.
-The ratio of the totals is a lower bound on `moebuild bench moe`'s forward+backward "x dense"
-for any per-expert dispatch (moebuild's torch backend, transformers' grouped_mm on CPU, which
-also loops over experts). One thread by default: `bench moe` shows the experts spread over
-worker threads scale like the dense matmuls' own threads.
+The ratio of the totals estimates what any per-expert dispatch (moebuild's torch backend,
+transformers' grouped_mm on CPU, which also loops over experts) pays in matmul rate alone, before
+gathers, activations and memory. An estimate, not a bound: it runs on one thread (the bench on
+two), its dense side is one fused gate/up matmul into a warm buffer (the bench's dense layer
+allocates its outputs), and on the project's VM one run moves by 5-10%.
 
     python benchmarks/gemm_floor.py --config a --tokens 2048 [--rounds 5 --threads 1]
 """

@@ -141,13 +141,15 @@ def sample_ms(step: Callable[[], None], device: torch.device) -> float:
     """The time of one call in ms, averaged over as many calls as fill MIN_SAMPLE_S, after one
     untimed call.
 
-    The untimed call puts the implementation in its own steady state, as a training loop that
-    repeats the layer would. Without it, a sample at training sizes is the first call after
-    another implementation, and pays for the memory that one freed: on the project's VM
-    (Firecracker, free page reporting) freed blocks go back to the host and the next process
-    to touch them takes host faults. Config A, 2048 tokens, fwd+bwd, medians of 5: moebuild
-    torch 1661 ms (0.30 s in the kernel) timed straight after transformers grouped_mm, 1502 ms
-    (0.14 s) after a call of its own; the dense layer 1528 and 1471 ms.
+    With the untimed call, each implementation is timed right after a call of its own, as a
+    microbenchmark of one layer usually is. Without it, a sample at training sizes is the first
+    call after another implementation, and pays for the memory that one freed: on the project's
+    VM (Firecracker, free page reporting) the guest kernel hands freed blocks back to the host,
+    and whatever touches that memory next takes host faults. Config A, 2048 tokens, fwd+bwd,
+    medians of 5: moebuild torch 1661 ms (0.30 s in the kernel) timed straight after
+    transformers grouped_mm, 1502 ms (0.14 s) after a call of its own; the dense layer 1528 and
+    1471 ms. In a model, other layers run between two calls of a layer, so the effect there lies
+    in between.
     """
     step()
     _sync(device)

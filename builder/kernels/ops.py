@@ -78,6 +78,8 @@ def define_experts_op(name: str, forward: Callable, backward: Callable, keeps_ex
     forward_op.register_fake(_forward_fake(keeps_expert_outputs))
 
     def grads(ctx, grad_TD, *_):
+        if grad_TD is None:  # grads are not materialised, and a function downstream returned None
+            return (None,) * 9
         saved = ctx.saved_tensors
         dx, dweights, dw_in, db_in, dw_out, db_out = backward_op(
             grad_TD.contiguous(), *saved, ctx.gated, ctx.activation

@@ -59,8 +59,32 @@ def test_backward_gets_no_zero_filled_gradients_for_the_saved_buffers():
     outputs = sorted_experts(x_TD.requires_grad_(), weights_TK, ids_TK, w_in, b_in, w_out, b_out,
                              pool.gated, pool.activation)
     assert outputs[3].shape == (A, R) and not outputs[3].requires_grad
+    # The profiler sees only this thread; the "basic" case is too small for the expert workers,
+    # and autograd's fill would run here anyway.
     with torch.profiler.profile(record_shapes=True) as prof:
         outputs[0].sum().backward()
     filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
     assert [A, R] not in filled
     assert x_TD.grad is not None
+
+
+class _NoGradient(torch.autograd.Function):
+    """Passes its input through and gives it no gradient (None), as some custom functions do."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_backward_with_no_incoming_gradient_gives_none():
+    pool, x_TD, weights_TK, ids_TK = make_case("basic")
+    x_TD.requires_grad_()
+    w_in, b_in, w_out, b_out = pool.stacked()
+    y_TD = sorted_experts(x_TD, weights_TK, ids_TK, w_in, b_in, w_out, b_out, pool.gated, pool.activation)[0]
+    (_NoGradient.apply(y_TD).sum() + x_TD.sum()).backward()
+    torch.testing.assert_close(x_TD.grad, torch.ones_like(x_TD))  # only the direct path's gradient
+    assert w_in.grad is None
