@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from moebuild.bench import time_layers
 from moebuild.cli import main
 
 # Two repeats, so the second (reversed-order) round of time_layers runs too.
@@ -70,3 +72,17 @@ def test_each_transformers_row_runs_its_own_implementation(monkeypatch):
         calls.clear()
         layers[f"transformers {impl}"][0](torch.randn(5, 32), weights_TK, ids_TK)
         assert calls == ([] if impl == "eager" else [impl])
+
+
+def test_every_timed_call_follows_an_untimed_call_of_the_same_layer(monkeypatch):
+    """`time_layers` never times a layer's first call after another layer (the cost of the memory
+    that one freed would be charged to it); rounds alternate the order."""
+    monkeypatch.setattr("moebuild.bench.MIN_SAMPLE_S", 0.0)
+    log = []
+
+    def layer(name):
+        return lambda x_TD, weights_TK, ids_TK: log.append(name) or x_TD.sum()
+
+    x_TD, weights_TK, ids_TK = torch.ones(2, 3), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long)
+    time_layers({"a": (layer("a"), []), "b": (layer("b"), [])}, x_TD, weights_TK, ids_TK, backward=False, repeats=2)
+    assert log == ["a", "a", "b", "b", "b", "b", "a", "a"]
