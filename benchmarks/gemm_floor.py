@@ -1,5 +1,5 @@
-"""The matmul-only floor of per-expert dispatch: how close to the dense equivalent any
-implementation that runs each expert's matmuls on its own rows can get, on this machine's BLAS.
+"""What per-expert dispatch pays in matmul rate alone: each expert's matmuls on its own rows
+against the dense equivalent's on all tokens, on this machine's BLAS.
 
 Times, interleaved in rounds in one process, the six matmuls of a SwiGLU layer's forward and
 backward (gate/up, down; d activation, d W_out, d W_in, d x):
@@ -19,8 +19,10 @@ allocates its outputs), and on the project's VM one run moves by 5-10%.
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from moebuild.bench import MoEConfig, fixed_routing
 
@@ -28,14 +30,14 @@ CONFIGS = {"a": MoEConfig(8, 2, 1024, 2816), "b": MoEConfig(64, 6, 1024, 512, 10
 KINDS = ("gate/up", "down", "d act", "d W_out", "d W_in", "d x")
 
 
-def swiglu_matmuls(rows: int, hidden: int, width: int) -> list:
-    """The six matmuls of one SwiGLU FFN, forward and backward, on `rows` rows: (kind, call)."""
+def swiglu_matmuls(rows: int, hidden: int, width: int) -> list[Callable[[], Tensor]]:
+    """The six matmuls of one SwiGLU FFN, forward and backward, on `rows` rows, in KINDS order."""
     x, dy = torch.randn(rows, hidden), torch.randn(rows, hidden)
     h, a = torch.randn(rows, 2 * width), torch.randn(rows, width)
     w_in, w_out = torch.randn(2 * width, hidden), torch.randn(hidden, width)
     out = {k: torch.empty(shape) for k, shape in zip(KINDS, [(rows, 2 * width), (rows, hidden), (rows, width),
                                                               (hidden, width), (2 * width, hidden), (rows, hidden)])}
-    calls = [
+    return [
         lambda: torch.mm(x, w_in.t(), out=out["gate/up"]),
         lambda: torch.mm(a, w_out.t(), out=out["down"]),
         lambda: torch.mm(dy, w_out, out=out["d act"]),
@@ -43,7 +45,6 @@ def swiglu_matmuls(rows: int, hidden: int, width: int) -> list:
         lambda: torch.mm(h.t(), x, out=out["d W_in"]),
         lambda: torch.mm(h, w_in, out=out["d x"]),
     ]
-    return list(zip(KINDS, calls))
 
 
 def main() -> None:
@@ -67,7 +68,7 @@ def main() -> None:
             for i, kind in enumerate(KINDS):
                 start = time.perf_counter()
                 for matmuls in layouts[name]:
-                    matmuls[i][1]()
+                    matmuls[i]()
                 if round_:
                     samples[(name, kind)].append(time.perf_counter() - start)
     ms = {key: statistics.median(s) * 1e3 for key, s in samples.items()}

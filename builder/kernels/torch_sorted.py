@@ -34,11 +34,11 @@ other processes on the same cores:
 Where the time goes (fwd+bwd, 2048 tokens; BENCHMARKS.md): the matmuls alone, run per expert on
 each expert's rows, take about 1.04-1.08x (config A) and 1.06-1.18x (config B) the dense
 equivalent's on one core (`benchmarks/gemm_floor.py`, a few runs: smaller matmuls run at a lower
-rate). On top of that come the
-activation passes, gathers and scatter-adds, and the kernel zeroing fresh pages for the weight
-gradients (384 MB at config B, 8x the dense layer's) and the A-row buffers every step (glibc maps
-32 MiB and more anew each time); on the project's VM that costs most right after other code
-has freed a lot of memory, which the guest kernel hands back to the host.
+rate). On top of that come the activation passes, gathers and scatter-adds, and the kernel
+zeroing fresh pages for the weight gradients (384 MB at config B, 8x the dense layer's) and the
+A-row buffers every step (glibc maps 32 MiB and more anew each time); on the project's VM that
+costs most right after other code has freed a lot of memory, which the guest kernel hands back
+to the host.
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
