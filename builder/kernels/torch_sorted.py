@@ -311,20 +311,17 @@ def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
-    offs_E = counts_E.cumsum(0).to(torch.int32)
-    kept = int(counts_E.sum())
-    if kept == 0:  # every slot dropped (or a pool without experts)
+    _, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
+    if len(slot_A) == 0:  # every slot dropped (or a pool without experts)
         return torch.zeros_like(x_TD)
-    slot_A = order_A[:kept]
-    tok_A = slot_A // ids_TK.shape[1]
+    offs_E = counts_E.cumsum(0).to(torch.int32)
     h_AR = F.grouped_mm(x_TD[tok_A], w_in.transpose(1, 2), offs=offs_E)
     if b_in is not None:
         h_AR += b_in.repeat_interleave(counts_E, dim=0)
     y_AD = F.grouped_mm(activate(h_AR, pool.gated, pool.activation), w_out.transpose(1, 2), offs=offs_E)
     if b_out is not None:
         y_AD += b_out.repeat_interleave(counts_E, dim=0)
-    y_AD *= weights_TK.reshape(-1)[slot_A, None].to(y_AD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, tok_A, y_AD)
+    return torch.zeros_like(x_TD).index_add_(0, tok_A, y_AD.mul_(gate_A1))
 
 
 def grouped_fits(x_TD: Tensor, pool) -> bool:
