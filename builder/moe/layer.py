@@ -135,18 +135,22 @@ class MoELayer(nn.Module):
         stats = {}
         context = None  # built once per call, and only if a router needs it
         for route in self.routes:
-            idx_R = SELECTORS[route.tokens](modality_T).nonzero().squeeze(1)
-            x_RD, modality_R = x_TD[idx_R], modality_T[idx_R]
-            tokens = RouteTokens(valid_T[idx_R], seq_T[idx_R], B)
+            if route.tokens == "all":  # as they are: no `nonzero` (a host sync on GPU), gather or scatter
+                idx_R, x_RD, modality_R, tokens = None, x_TD, modality_T, RouteTokens(valid_T, seq_T, B)
+            else:
+                idx_R = SELECTORS[route.tokens](modality_T).nonzero().squeeze(1)
+                x_RD, modality_R = x_TD[idx_R], modality_T[idx_R]
+                tokens = RouteTokens(valid_T[idx_R], seq_T[idx_R], B)
             if getattr(route.router, "needs_context", False):  # sees other tokens: moe/context.py
                 if context is None:
                     text_BS, image_BS = ((valid_T & (modality_T == m)).view(B, S) for m in (TEXT, IMAGE))
                     context = RoutingContext(x_BSD, modality_T.view(B, S), text_BS, image_BS)
-                routing = route.router(x_RD, context, idx_R)
+                routing = route.router(x_RD, context, torch.arange(B * S, device=device) if idx_R is None else idx_R)
             else:
                 routing = route.router(x_RD, tokens)
             pool = self.pools[route.pool]
-            y_TD = y_TD.index_add(0, idx_R, routing.apply(pool, x_RD).to(y_TD.dtype))
+            y_RD = routing.apply(pool, x_RD).to(y_TD.dtype)
+            y_TD = y_TD + y_RD if idx_R is None else y_TD.index_add(0, idx_R, y_RD)
             if route.router.balanced:
                 for term in self.balancing:
                     mask_R = tokens.valid_T & SELECTORS[term.tokens](modality_R)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebuild.moe.balancing import switch_aux, z_loss
 from moebuild.moe.experts import ExpertPool
@@ -153,6 +154,38 @@ def test_route_without_tokens():
     assert image["load"].tolist() == [0, 0, 0] and image["experts_per_token"].item() == 0.0
     out.hidden_states.sum().backward()
     assert x_BSD.grad.abs().sum() > 0
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_route_over_all_tokens_takes_them_without_selecting():
+    """Equals the same route selecting every token (all text), gradients included, without the
+    `nonzero` (a host sync on GPU), gather and scatter that a selection costs."""
+    torch.manual_seed(0)
+    router, pool = TopKRouter(D, 4, 2), ExpertPool(4, D, 12)
+    for p in [*router.parameters(), *pool.parameters()]:
+        p.data.normal_(0, 0.5)
+    x_BSD = torch.randn(2, 5, D)
+    results, ops = {}, {}
+    for tokens in ("all", "text"):
+        layer = MoELayer([Route(router, "experts", tokens)], [], {"experts": pool})
+        x = x_BSD.clone().requires_grad_()
+        with OpNames() as seen:
+            y = layer(x).hidden_states
+        ops[tokens] = seen.names
+        results[tokens] = (y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()]))
+    for got, want in zip(results["all"], results["text"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert {"nonzero", "index_add"} <= ops["text"]
+    assert not {"nonzero", "index_add"} & ops["all"]
 
 
 def test_meta_build_and_construction_errors():
