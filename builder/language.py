@@ -112,7 +112,7 @@ class LanguageOutput:
     past_key_values: DynamicCache | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each balancing term summed over the MoE layers (computed per layer, never pooled across layers)."""
-    router_stats: list[LayerRouterStats] = field(default_factory=list)
+    router_stats: list[LayerRouterStats] = field(default_factory=list)  # with output_router_stats=True only
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -137,15 +137,17 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.mlp_dropout = getattr(config, fam.mlp_dropout_key) if fam.mlp_dropout_key else 0.0
 
     def _ffn(self, h_BSD: torch.Tensor, modality_BS: torch.Tensor | None,
-             token_mask_BS: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+             token_mask_BS: torch.Tensor | None, output_router_stats: bool) -> tuple[torch.Tensor, Any]:
         if not self.is_moe:
             return F.dropout(self.mlp(h_BSD), self.mlp_dropout, self.training), None
-        out = self.mlp(h_BSD, modality_BS=modality_BS, attention_mask_BS=token_mask_BS)
+        out = self.mlp(h_BSD, modality_BS=modality_BS, attention_mask_BS=token_mask_BS,
+                       output_router_stats=output_router_stats)
         return F.dropout(out.hidden_states, self.mlp_dropout, self.training), out
 
     def forward(self, x_BSD: torch.Tensor, *, position_embeddings: Any, attention_mask: Any,
                 position_ids: torch.Tensor, past_key_values: DynamicCache | None, use_cache: bool,
-                modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+                modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None,
+                output_router_stats: bool) -> tuple[torch.Tensor, Any]:
         normed_BSD = self.input_layernorm(x_BSD)
         attn_BSD, _ = self.self_attn(
             hidden_states=normed_BSD, attention_mask=attention_mask, position_ids=position_ids,
@@ -153,10 +155,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         )
         attn_BSD = F.dropout(attn_BSD, self.attn_dropout, self.training)
         if self.parallel:
-            ffn_BSD, moe_out = self._ffn(normed_BSD, modality_BS, token_mask_BS)
+            ffn_BSD, moe_out = self._ffn(normed_BSD, modality_BS, token_mask_BS, output_router_stats)
             return x_BSD + attn_BSD + ffn_BSD, moe_out
         h_BSD = x_BSD + attn_BSD
-        ffn_BSD, moe_out = self._ffn(self.post_attention_layernorm(h_BSD), modality_BS, token_mask_BS)
+        ffn_BSD, moe_out = self._ffn(self.post_attention_layernorm(h_BSD), modality_BS, token_mask_BS,
+                                     output_router_stats)
         return h_BSD + ffn_BSD, moe_out
 
 
@@ -198,8 +201,9 @@ def _merge_aux(total: dict[str, torch.Tensor], layer: dict[str, torch.Tensor]) -
 class LanguageModel(nn.Module):
     """A family's decoder with causal-LM head; layer i's FFN is `ffn_factory(i)` when that is not None.
 
-    An MoE FFN is called as `ffn(h_BSD, modality_BS=..., attention_mask_BS=...)` and returns an
-    object with `hidden_states`, `aux_losses` (name -> tensor) and `router_stats`.
+    An MoE FFN is called as `ffn(h_BSD, modality_BS=..., attention_mask_BS=..., output_router_stats=...)`
+    and returns an object with `hidden_states`, `aux_losses` (name -> tensor) and `router_stats`
+    (looked at only when asked for).
     """
 
     def __init__(self, hf_config: PretrainedConfig, family: str,
@@ -238,7 +242,7 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds_BSD: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DynamicCache | None = None,
                 use_cache: bool = False, cache_position: torch.Tensor | None = None,
-                modality_BS: torch.Tensor | None = None) -> LanguageOutput:
+                modality_BS: torch.Tensor | None = None, output_router_stats: bool = False) -> LanguageOutput:
         """`attention_mask_BS` covers past and current tokens (1 keep, 0 padding), as in transformers;
         `modality_BS` and the padding mask handed to MoE layers cover this call's tokens only.
         `cache_position` (dropped by transformers 5) only stands in for missing position_ids."""
@@ -263,9 +267,10 @@ class LanguageModel(nn.Module):
             h_BSD, moe_out = layer(
                 h_BSD, position_embeddings=position_embeddings, attention_mask=causal_mask,
                 position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                modality_BS=modality_BS, token_mask_BS=token_mask_BS,
+                modality_BS=modality_BS, token_mask_BS=token_mask_BS, output_router_stats=output_router_stats,
             )
             if moe_out is not None:
                 _merge_aux(aux_losses, moe_out.aux_losses)
-                router_stats.append(LayerRouterStats(i, moe_out.router_stats))
+                if output_router_stats:
+                    router_stats.append(LayerRouterStats(i, moe_out.router_stats))
         return LanguageOutput(stack.final_norm(h_BSD), past_key_values, aux_losses, router_stats)

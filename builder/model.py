@@ -236,6 +236,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else not self.training,
             modality_BS=modality,
+            output_router_stats=output_router_stats,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:

@@ -116,8 +116,11 @@ class MoELayer(nn.Module):
             raise ValueError("at most one aux_free_bias term per layer")
 
     def forward(
-        self, x_BSD: Tensor, modality_BS: Tensor | None = None, attention_mask_BS: Tensor | None = None
+        self, x_BSD: Tensor, modality_BS: Tensor | None = None, attention_mask_BS: Tensor | None = None,
+        output_router_stats: bool = True,
     ) -> MoELayerOutput:
+        """`output_router_stats=False` leaves `router_stats` empty: the statistics cost ~20 small ops
+        per route and modality, as much as the experts' own work in a small decode step."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         device = x_BSD.device
@@ -156,7 +159,8 @@ class MoELayer(nn.Module):
                     mask_R = tokens.valid_T & SELECTORS[term.tokens](modality_R)
                     aux[term.name] = aux[term.name] + term.coef * term.fn(routing, mask_R, tokens)
             self._count_load(route.router, routing, tokens.valid_T, modality_R)
-            stats[route.name] = route_stats(routing, pool.num_experts, tokens.valid_T, modality_R, route.tokens)
+            if output_router_stats:
+                stats[route.name] = route_stats(routing, pool.num_experts, tokens.valid_T, modality_R, route.tokens)
         return MoELayerOutput(y_TD.view(B, S, D), aux, stats)
 
     def _count_load(self, router: nn.Module, routing, valid_R: Tensor, modality_R: Tensor) -> None:

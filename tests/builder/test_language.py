@@ -39,9 +39,9 @@ class RecordingMoE(nn.Module):
         super().__init__()
         self.dense, self.layer_idx, self.calls = dense, layer_idx, []
 
-    def forward(self, h_BSD, *, modality_BS=None, attention_mask_BS=None):
+    def forward(self, h_BSD, *, modality_BS=None, attention_mask_BS=None, output_router_stats=True):
         aux = h_BSD.pow(2).mean()
-        self.calls.append(dict(modality=modality_BS, mask=attention_mask_BS, aux=aux.detach()))
+        self.calls.append(dict(modality=modality_BS, mask=attention_mask_BS, aux=aux.detach(), stats=output_router_stats))
         aux_losses = {"balance": aux, f"only_layer{self.layer_idx}": aux * 0 + self.layer_idx}
         return StubOutput(self.dense(h_BSD), aux_losses, {"calls": len(self.calls)})
 
@@ -74,7 +74,7 @@ def test_moe_slot_receives_modality_and_mask_and_sums_aux(name):
     embeds_BSD = dense.embed(ids_BS)
 
     expected = dense(embeds_BSD, mask_BS)
-    out = moe(embeds_BSD, mask_BS, modality_BS=modality_BS)
+    out = moe(embeds_BSD, mask_BS, modality_BS=modality_BS, output_router_stats=True)
 
     keep = mask_BS.bool()
     assert (out.last_hidden_state[keep] - expected.last_hidden_state[keep]).abs().max() <= 1e-6
@@ -82,12 +82,16 @@ def test_moe_slot_receives_modality_and_mask_and_sums_aux(name):
     stubs = [moe.layers[i].mlp for i in MOE_LAYERS]
     for stub in stubs:
         (call,) = stub.calls
-        assert call["modality"] is modality_BS
+        assert call["modality"] is modality_BS and call["stats"] is True
         assert torch.equal(call["mask"], mask_BS)
     assert torch.allclose(out.aux_losses["balance"], sum(stub.calls[0]["aux"] for stub in stubs))
     assert out.aux_losses["only_layer2"] == 2 and out.aux_losses["only_layer0"] == 0
     assert [(s.layer_idx, s.stats) for s in out.router_stats] == [(0, {"calls": 1}), (2, {"calls": 1})]
     assert all(isinstance(s, LayerRouterStats) for s in out.router_stats)
+
+    unasked = moe(embeds_BSD, mask_BS, modality_BS=modality_BS)  # router statistics are not computed
+    assert unasked.router_stats == [] and [stub.calls[1]["stats"] for stub in stubs] == [False, False]
+    assert torch.equal(unasked.aux_losses["balance"], out.aux_losses["balance"])
 
 
 @torch.no_grad()

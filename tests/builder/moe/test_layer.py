@@ -136,6 +136,16 @@ def test_router_stats():
     assert 0 < want < math.log(3)
 
 
+def test_router_stats_only_when_asked():
+    layer = make_layer([BalancingTerm("switch_aux", 0.1, "text")])
+    x_BSD, modality_BS, attention_mask_BS = inputs()
+    asked = layer(x_BSD, modality_BS, attention_mask_BS)
+    unasked = layer(x_BSD, modality_BS, attention_mask_BS, output_router_stats=False)
+    assert len(asked.router_stats) == 3 and unasked.router_stats == {}
+    torch.testing.assert_close(unasked.hidden_states, asked.hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(unasked.aux_losses, asked.aux_losses, rtol=0, atol=0)
+
+
 def test_backward_reaches_routers_and_every_expert_weight():
     layer = make_layer([BalancingTerm("switch_aux", 0.01)])
     x_BSD, modality_BS, attention_mask_BS = inputs()
