@@ -41,7 +41,8 @@ class RecordingMoE(nn.Module):
 
     def forward(self, h_BSD, *, modality_BS=None, attention_mask_BS=None, output_router_stats=True):
         aux = h_BSD.pow(2).mean()
-        self.calls.append(dict(modality=modality_BS, mask=attention_mask_BS, aux=aux.detach(), stats=output_router_stats))
+        call = dict(modality=modality_BS, mask=attention_mask_BS, aux=aux.detach(), stats=output_router_stats)
+        self.calls.append(call)
         aux_losses = {"balance": aux, f"only_layer{self.layer_idx}": aux * 0 + self.layer_idx}
         return StubOutput(self.dense(h_BSD), aux_losses, {"calls": len(self.calls)})
 
