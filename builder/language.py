@@ -24,6 +24,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .compat import cache_kwargs
 from .language_families import Family, attention_kind, get_family
 
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -109,7 +110,7 @@ class LayerRouterStats:
 @dataclass
 class LanguageOutput:
     last_hidden_state: torch.Tensor
-    past_key_values: DynamicCache | None = None
+    cache: DynamicCache | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     """Each balancing term summed over the MoE layers (computed per layer, never pooled across layers)."""
     router_stats: list[LayerRouterStats] = field(default_factory=list)  # with output_router_stats=True only
@@ -145,13 +146,13 @@ class DecoderLayer(GradientCheckpointingLayer):
         return F.dropout(out.hidden_states, self.mlp_dropout, self.training), out
 
     def forward(self, x_BSD: torch.Tensor, *, position_embeddings: Any, attention_mask: Any,
-                position_ids: torch.Tensor, past_key_values: DynamicCache | None, use_cache: bool,
+                position_ids: torch.Tensor, cache: DynamicCache | None, use_cache: bool,
                 modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None,
                 output_router_stats: bool) -> tuple[torch.Tensor, Any]:
         normed_BSD = self.input_layernorm(x_BSD)
         attn_BSD, _ = self.self_attn(
             hidden_states=normed_BSD, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+            use_cache=use_cache, position_embeddings=position_embeddings, **cache_kwargs(cache),
         )
         attn_BSD = F.dropout(attn_BSD, self.attn_dropout, self.training)
         if self.parallel:
@@ -240,23 +241,23 @@ class LanguageModel(nn.Module):
         return self.lm_head(hidden_BSD)
 
     def forward(self, inputs_embeds_BSD: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: DynamicCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, cache_position: torch.Tensor | None = None,
                 modality_BS: torch.Tensor | None = None, output_router_stats: bool = False) -> LanguageOutput:
         """`attention_mask_BS` covers past and current tokens (1 keep, 0 padding), as in transformers;
         `modality_BS` and the padding mask handed to MoE layers cover this call's tokens only.
         `cache_position` (dropped by transformers 5) only stands in for missing position_ids."""
         stack, seq_len = self.model, inputs_embeds_BSD.shape[1]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None and cache_position is not None:
             position_ids = cache_position.unsqueeze(0)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(seq_len, device=inputs_embeds_BSD.device) + past_seen).unsqueeze(0)
         causal_mask = create_causal_mask(
             config=self.config, inputs_embeds=inputs_embeds_BSD, attention_mask=attention_mask_BS,
-            past_key_values=past_key_values, position_ids=position_ids,
+            position_ids=position_ids, **cache_kwargs(cache),
         )
         h_BSD = F.dropout(inputs_embeds_BSD, stack.embed_dropout, self.training)
         position_embeddings = stack.rotary_emb(h_BSD, position_ids)
@@ -266,11 +267,11 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(stack.layers):
             h_BSD, moe_out = layer(
                 h_BSD, position_embeddings=position_embeddings, attention_mask=causal_mask,
-                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                position_ids=position_ids, cache=cache, use_cache=use_cache,
                 modality_BS=modality_BS, token_mask_BS=token_mask_BS, output_router_stats=output_router_stats,
             )
             if moe_out is not None:
                 _merge_aux(aux_losses, moe_out.aux_losses)
                 if output_router_stats:
                     router_stats.append(LayerRouterStats(i, moe_out.router_stats))
-        return LanguageOutput(stack.final_norm(h_BSD), past_key_values, aux_losses, router_stats)
+        return LanguageOutput(stack.final_norm(h_BSD), cache, aux_losses, router_stats)

@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 
 from moebuild.schemas import ModelSpec
 
+from .compat import CACHE_NAME
 from .moe.layer import IMAGE, TEXT
 from .tiling import TiledConnector, tiled_token_count
 
@@ -54,11 +55,14 @@ class MoEVLMConfig(PretrainedConfig):
         return ModelSpec.model_validate(self.spec)
 
     @cached_property
-    def text_config(self) -> PretrainedConfig:
-        """The language family's own config: what transformers' cache and attention code read."""
+    def text_config(self) -> PretrainedConfig | None:
+        """The language family's own config: what transformers' cache and attention code read.
+
+        None for a config without a spec: transformers 5.16-5.17 build one (`MoEVLMConfig()`) while
+        saving, and look for its text config."""
         from .compile import language_hf_config
 
-        return language_hf_config(self.parsed_spec.language)
+        return None if self.spec is None else language_hf_config(self.parsed_spec.language)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -69,14 +73,22 @@ class MoEVLMConfig(PretrainedConfig):
 
 @dataclass
 class MoEVLMOutput(ModelOutput):
-    """Model output. `loss` = `lm_loss` + every balancing term; each term is also in `aux_losses`."""
+    """Model output. `loss` = `lm_loss` + every balancing term; each term is also in `aux_losses`.
+
+    `cache` is the KV cache (transformers >= 5.24's name); with older transformers it is also
+    under `past_key_values`, where their `generate` looks for it."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
     router_stats: list | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if CACHE_NAME != "cache" and self.cache is not None:
+            self[CACHE_NAME] = self.cache
 
 
 class MoEVLMPreTrainedModel(PreTrainedModel):
@@ -212,7 +224,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -220,10 +232,13 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         image_grids=None,
         output_router_stats: bool = False,
         logits_to_keep: int = 0,
+        past_key_values=None,
         **kwargs,
     ) -> MoEVLMOutput:
         """`modality` [B, S] (0 text, 1 image) is derived from the placeholder tokens when omitted;
-        `image_grids` are the processor's `tile_grids` for a tiled spec (see `image_embeddings`)."""
+        `image_grids` are the processor's `tile_grids` for a tiled spec (see `image_embeddings`).
+        `past_key_values` is the KV cache under the name transformers < 5.24 pass it by."""
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.language.embed_tokens(input_ids)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_grids)
@@ -233,7 +248,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             inputs_embeds,
             attention_mask_BS=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache if use_cache is not None else not self.training,
             modality_BS=modality,
             output_router_stats=output_router_stats,
@@ -249,7 +264,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         return MoEVLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             lm_loss=lm_loss,
             aux_losses=out.aux_losses,
             router_stats=out.router_stats if output_router_stats else None,

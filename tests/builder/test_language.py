@@ -101,9 +101,9 @@ def test_decode_step_passes_only_the_new_tokens_mask_and_modality():
     ids_BS = torch.randint(0, 128, (2, 5))
     mask_BS = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     cache = DynamicCache(config=moe.config)
-    moe(moe.embed(ids_BS[:, :4]), mask_BS[:, :4], past_key_values=cache, use_cache=True)
+    moe(moe.embed(ids_BS[:, :4]), mask_BS[:, :4], cache=cache, use_cache=True)
     step_modality_BS = torch.ones(2, 1, dtype=torch.long)
-    moe(moe.embed(ids_BS[:, 4:]), mask_BS, past_key_values=cache, use_cache=True, modality_BS=step_modality_BS)
+    moe(moe.embed(ids_BS[:, 4:]), mask_BS, cache=cache, use_cache=True, modality_BS=step_modality_BS)
     call = moe.layers[0].mlp.calls[-1]
     assert torch.equal(call["mask"], mask_BS[:, 4:]) and call["modality"] is step_modality_BS
 
@@ -143,8 +143,8 @@ def test_default_positions_with_cache_match_full_forward(name):
     with torch.no_grad():
         full = model(embeds_BSD).last_hidden_state
         cache = DynamicCache(config=config)
-        first = model(embeds_BSD[:, :4], past_key_values=cache, use_cache=True).last_hidden_state
-        rest = model(embeds_BSD[:, 4:], past_key_values=cache, use_cache=True,
+        first = model(embeds_BSD[:, :4], cache=cache, use_cache=True).last_hidden_state
+        rest = model(embeds_BSD[:, 4:], cache=cache, use_cache=True,
                      cache_position=torch.arange(4, 6)).last_hidden_state
     assert (torch.cat([first, rest], 1) - full).abs().max() <= 1e-5
 

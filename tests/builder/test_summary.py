@@ -261,7 +261,7 @@ def test_kv_cache_matches_transformers_cache(case):
     torch.manual_seed(0)
     model = _decoder(spec.language).eval()
     with torch.no_grad():
-        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).cache
     per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) // 3
     assert summarize(spec).kv_cache_elements_per_token == per_token
 

@@ -52,7 +52,7 @@ def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def our_logits(model: LanguageModel, ids_BS, mask_BS, position_ids_BS, cache=None):
-    out = model(model.embed(ids_BS), mask_BS, position_ids_BS, past_key_values=cache, use_cache=cache is not None)
+    out = model(model.embed(ids_BS), mask_BS, position_ids_BS, cache=cache, use_cache=cache is not None)
     return model.logits(out.last_hidden_state)
 
 
