@@ -193,12 +193,14 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
               help="meta: build without allocating, write config.json and spec.yaml only.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it holds a model moebuild wrote (and nothing else).")
 def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str, dtype: str, seed: int, force: bool):
     """Build SPEC into a model and save it to OUTPUT, then print its summary.
 
-    The model is written to a temporary directory beside OUTPUT and renamed at the end, so
-    OUTPUT never holds a half-written model. The directory loads back with
+    The model is written to a hidden staging directory beside OUTPUT and renamed at the end, so
+    OUTPUT never holds a half-written model; a marker file (.moebuild.json) lists what moebuild
+    wrote, and --force replaces nothing else. The directory loads back with
     `moebuild.MoEVLMForConditionalGeneration.from_pretrained(OUTPUT)`.
 
     \b
@@ -210,16 +212,22 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     from moebuild.loading import load_spec
     from moebuild.summary import format_table, summarize
 
+    from moebuild.output import OutputError, check_output
+
     parsed = load_spec(spec, overrides)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise click.ClickException(f"{output} exists and is not empty (use --force to replace it)")
+    try:
+        check_output(output, force)  # before the build, not after it
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
     from transformers.utils import logging as hf_logging
 
     from moebuild.compile import build_and_save
 
     hf_logging.disable_progress_bar()  # the summary table is the output; no shard-writing bars
     try:
-        build_and_save(parsed, output, device=device, dtype=dtype, seed=seed)
+        build_and_save(parsed, output, device=device, dtype=dtype, seed=seed, force=force)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
     except (ValueError, OSError) as exc:
         raise click.ClickException(f"{spec}: {exc}") from None
     click.echo(format_table(summarize(parsed)))

@@ -229,24 +229,19 @@ def build_processor(spec):
     return build_image_processor(vision.type, image_size=vision.image_size, tokens_per_image=tokens)
 
 
-def build_and_save(spec: ModelSpec, output, *, device="cpu", dtype=None, seed=None) -> None:
-    """Build and save to `output` atomically: a temporary sibling directory renamed at the end."""
-    import shutil
-    import tempfile
+def build_and_save(spec: ModelSpec, output, *, device="cpu", dtype=None, seed=None, force: bool = False) -> None:
+    """Build and save to `output` (see moebuild.output: staged, renamed at the end, and never
+    deleting what moebuild did not write; `force` replaces a model moebuild wrote there)."""
     from pathlib import Path
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    model = build(spec, device=device, dtype=dtype, seed=seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    from .output import write_model_dir
+
+    def write(directory: Path) -> None:
+        model = build(spec, device=device, dtype=dtype, seed=seed)
         if device == "meta":
-            model.config.save_pretrained(staging)
-            model.write_spec(staging)
+            model.config.save_pretrained(directory)
+            model.write_spec(directory)
         else:
-            model.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(directory)
+
+    write_model_dir(Path(output), write, force=force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -19,7 +20,8 @@ def test_compile_writes_a_loadable_model_and_prints_the_summary(tmp_path):
     out = tmp_path / "m"
     result = run("compile", "micro-moe-llava", "-o", str(out), "--seed", "3", "--set", "moe.layers=all")
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "spec.yaml", "generation_config.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "model.safetensors", "spec.yaml", "generation_config.json", ".moebuild.json"}
     assert "2,102,784" in result.stdout and f"wrote {out}" in result.stdout  # 4 MoE layers now
     model = MoEVLMForConditionalGeneration.from_pretrained(out)
     assert model.spec.moe.layers == "all"
@@ -34,20 +36,37 @@ def test_compile_seed_makes_the_weights_reproducible(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compile_refuses_a_non_empty_directory_without_force(tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
-    result = run("compile", "micro-moe-llava", "-o", str(tmp_path))
+def test_compile_replaces_only_a_model_it_wrote(tmp_path):
+    out = tmp_path / "m"
+    assert run("compile", "micro-moe-llava", "-o", str(out)).exit_code == 0
+    again = run("compile", "micro-moe-llava", "-o", str(out))
+    assert again.exit_code == 1
+    assert again.stderr.strip() == f"Error: {out} exists and is not empty (--force replaces a model moebuild wrote there)"
+    assert run("compile", "micro-moe-llava", "-o", str(out), "--force").exit_code == 0
+    (out / "keep.txt").write_text("mine")
+    refused = run("compile", "micro-moe-llava", "-o", str(out), "--force")
+    assert refused.exit_code == 1 and "keep.txt" in refused.stderr and "Traceback" not in refused.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_compile_force_refuses_the_root_directory_before_building(monkeypatch):
+    import shutil
+
+    from moebuild import compile as compile_module
+
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: deleted.append(path))
+    monkeypatch.setattr(compile_module, "build", lambda *a, **k: pytest.fail("built before refusing"))
+    result = run("compile", "micro-moe-llava", "-o", "/", "--force")
     assert result.exit_code == 1
-    assert f"{tmp_path} exists and is not empty (use --force to replace it)" in result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-    assert run("compile", "micro-moe-llava", "-o", str(tmp_path), "--force").exit_code == 0
-    assert not (tmp_path / "keep.txt").exists()
+    assert result.stderr.strip() == "Error: refusing to write a model to /: it is the root directory"
+    assert deleted == []
 
 
 def test_compile_on_meta_writes_config_and_spec_only(tmp_path):
     result = run("compile", "micro-deepseek-vl2", "-o", str(tmp_path / "m"), "--device", "meta")
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "spec.yaml"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "spec.yaml", ".moebuild.json"}
     assert "built on meta" in result.stdout
 
 

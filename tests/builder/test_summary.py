@@ -19,6 +19,7 @@ from transformers import (
     StableLmConfig, StableLmForCausalLM,
 )
 
+from moebuild.compat import CACHE_NAME
 from moebuild.connectors import CONNECTORS
 from moebuild.loading import load_spec
 from moebuild.moe.build import build_router
@@ -261,7 +262,7 @@ def test_kv_cache_matches_transformers_cache(case):
     torch.manual_seed(0)
     model = _decoder(spec.language).eval()
     with torch.no_grad():
-        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).cache
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True)[CACHE_NAME]  # transformers names it by release
     per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) // 3
     assert summarize(spec).kv_cache_elements_per_token == per_token
 

@@ -1,0 +1,144 @@
+"""Model directories written safely: never deleting or overwriting what moebuild did not write.
+
+A model is written into a hidden staging directory beside the output (`.NAME.moebuild-staging-PID-*`),
+which gets a marker file, `.moebuild.json`, listing every file moebuild wrote, and is renamed onto
+the output at the end. `force` replaces an existing output only when its marker says moebuild
+wrote everything in it; `/`, the home directory and the current directory (or any directory
+holding it) are never a target. The final check and rename happen under a lock on the parent
+directory, so an output that appeared during the build is never replaced, and the rename itself
+cannot replace a non-empty directory. A killed run leaves only its staging directory, which the
+next run to the same output removes once its process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MARKER = ".moebuild.json"
+_STAGING = ".{name}.moebuild-staging-"
+_REPLACED = ".{name}.moebuild-replaced-"
+
+
+class OutputError(Exception):
+    """An output directory moebuild must not write to; `str()` is one line."""
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Raise OutputError unless `output` may receive a model (checked again before the final rename)."""
+    target = output.absolute()
+    resolved = target.resolve()
+    for protected, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory")):
+        if resolved == protected.resolve():
+            raise OutputError(f"refusing to write a model to {output}: it is {what}")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputError(f"refusing to write a model to {output}: it is or holds the current directory")
+    if target.is_symlink():
+        raise OutputError(f"{output} is a symbolic link; give the directory itself")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputError(f"{output} exists and is not a directory")
+    if not any(target.iterdir()):
+        return
+    if not force:
+        raise OutputError(f"{output} exists and is not empty (--force replaces a model moebuild wrote there)")
+    foreign = files_not_written_by_moebuild(target)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"--force replaces only what moebuild wrote, and {output} also holds {shown}; "
+                          "move them away or choose another output")
+
+
+def files_not_written_by_moebuild(directory: Path) -> list[str]:
+    """Paths under `directory` that its marker does not list (all of them without a valid marker)."""
+    present = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir())
+    try:
+        written = set(json.loads((directory / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return present
+    return [p for p in present if p != MARKER and p not in written]
+
+
+def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = False) -> None:
+    """Call `write(directory)` on a fresh staging directory, then move it to `output` safely."""
+    check_output(output, force)
+    parent = output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(parent, output.name)
+    staging = _fresh_dir(parent, _STAGING.format(name=output.name))
+    try:
+        write(staging)
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
+        (staging / MARKER).write_text(json.dumps({"written_by": "moebuild", "files": files}, indent=1) + "\n")
+        with _locked(parent):
+            _move_into_place(staging, output, force)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _move_into_place(staging: Path, output: Path, force: bool) -> None:
+    try:
+        check_output(output, force)  # anything may have appeared while the model was built
+    except OutputError as exc:
+        raise OutputError(f"{exc} (it changed while the model was being built)") from None
+    target = output.absolute()
+    old = None
+    if target.exists() and any(target.iterdir()):
+        old = _fresh_dir(target.parent, _REPLACED.format(name=output.name))
+        os.replace(target, old)  # onto an empty directory made a moment ago
+    try:
+        os.rename(staging, target)  # fails (ENOTEMPTY) rather than replace a directory with content
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, target)
+        raise OutputError(f"cannot move the model into {output}: {exc.strerror}") from None
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory `prefix + PID-random` with the user's default permissions (not mkdtemp's 0700)."""
+    while True:
+        path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+            return path
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Staging and replaced directories of runs whose process is gone (killed mid-way)."""
+    for prefix in (_STAGING.format(name=name), _REPLACED.format(name=name)):
+        for path in parent.glob(prefix + "*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on a directory, so two runs never check and rename at the same time."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,140 @@
+"""moebuild.output: a model directory is written whole or not at all, and nothing moebuild did not
+write is ever deleted or overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from moebuild.output import MARKER, OutputError, check_output, write_model_dir
+
+
+def write_two_files(directory: Path) -> None:
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(b"weights")
+
+
+def test_the_marker_lists_what_was_written_and_the_directory_has_normal_permissions(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        write_model_dir(tmp_path / "m", write_two_files)
+    finally:
+        os.umask(old_umask)
+    marker = json.loads((tmp_path / "m" / MARKER).read_text())
+    assert marker["files"] == ["config.json", "model.safetensors"]
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging left behind
+
+
+@pytest.mark.parametrize("place", ["root", "home", "cwd", "parent of cwd"])
+def test_protected_places_are_refused_even_with_force(tmp_path, monkeypatch, place):
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: deleted.append(path))
+    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    target = {"root": Path("/"), "home": home, "cwd": Path("."), "parent of cwd": Path("..")}[place]
+    with pytest.raises(OutputError, match="refusing to write a model to"):
+        write_model_dir(target, write_two_files, force=True)
+    assert deleted == []
+
+
+def test_force_never_deletes_files_moebuild_did_not_write(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        write_model_dir(out, write_two_files)
+    with pytest.raises(OutputError, match="replaces only what moebuild wrote.*notes.txt"):
+        write_model_dir(out, write_two_files, force=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_force_replaces_a_model_moebuild_wrote_but_not_one_a_user_added_to(tmp_path):
+    out = tmp_path / "m"
+    write_model_dir(out, write_two_files)
+    write_model_dir(out, lambda d: (d / "config.json").write_text('{"new": 1}'), force=True)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json"]
+    (out / "results.csv").write_text("a,b")
+    with pytest.raises(OutputError, match="results.csv"):
+        write_model_dir(out, write_two_files, force=True)
+    assert (out / "results.csv").read_text() == "a,b" and (out / "config.json").read_text() == '{"new": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_an_output_that_appears_during_the_build_is_never_replaced(tmp_path):
+    out = tmp_path / "m"
+
+    def someone_else_writes_meanwhile(directory: Path) -> None:
+        write_two_files(directory)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(OutputError, match="changed while the model was being built"):
+        write_model_dir(out, someone_else_writes_meanwhile, force=True)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # our staging is gone
+
+
+def test_two_concurrent_writes_leave_one_complete_model_and_one_clean_error(tmp_path):
+    out, both_built = tmp_path / "m", threading.Barrier(2)
+    outcomes = []
+
+    def run(tag: str) -> None:
+        def write(directory: Path) -> None:
+            (directory / "config.json").write_text(tag)
+            both_built.wait(timeout=10)  # both checks passed before either renames
+
+        try:
+            write_model_dir(out, write)
+            outcomes.append(("ok", tag))
+        except OutputError as exc:
+            outcomes.append(("error", str(exc)))
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(kind for kind, _ in outcomes) == ["error", "ok"]
+    winner = next(tag for kind, tag in outcomes if kind == "ok")
+    assert "exists and is not empty" in next(msg for kind, msg in outcomes if kind == "error")
+    assert (out / "config.json").read_text() == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_killed_run_leaves_only_its_staging_which_the_next_run_removes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".m.moebuild-staging-{int(dead.stdout)}-0a1b2c3d"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    write_model_dir(tmp_path / "m", write_two_files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_build_leaves_nothing(tmp_path):
+    def fail(directory: Path) -> None:
+        write_two_files(directory)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        write_model_dir(tmp_path / "m", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_or_a_link_is_not_a_model_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is not a directory"):
+        check_output(tmp_path / "f", force=True)
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_output(tmp_path / "link", force=True)
