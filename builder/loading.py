@@ -1,9 +1,9 @@
 """Spec loading: YAML file or preset -> ``base:`` chain merged -> overrides -> ``${...}`` -> ModelSpec.
 
 Every problem on the way becomes a located Diagnostic (see errors.py) and all of a spec's
-problems are raised together as one SpecError. Interpolation uses OmegaConf's grammar
-(https://omegaconf.readthedocs.io/en/latest/grammar.html) and runs after merging and
-overrides, as in Hydra, so ``${language.hidden_size}`` sees the final value.
+problems are raised together as one SpecError. ``${a.b}`` references (interpolation.py) are
+resolved after merging and overrides, as in Hydra, so ``${language.hidden_size}`` sees the
+final value.
 
 This module imports neither torch nor transformers: ``moebuild validate`` must stay fast.
 """
@@ -24,10 +24,12 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from moebuild import presets
 from moebuild.diagnose import declares, validation_diagnostics
 from moebuild.errors import Diagnostic, SpecError, SpecPath
+from moebuild.interpolation import interpolate
 from moebuild.overrides import apply_overrides
-from moebuild.spec_tree import Node, Pos, from_plain, merge, read_yaml, to_plain, walk
+from moebuild.spec_tree import Node, Pos, merge, read_yaml, to_plain
 
 _YAML_SUFFIXES = (".yaml", ".yml")
+MAX_BASES = 32
 
 
 def load_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
@@ -107,7 +109,7 @@ def _resolve(model: type, name_or_path, overrides) -> tuple[Node, list[Diagnosti
     path, shown = _locate_top(name_or_path)
     root = _load_chain(path, shown, [], problems)
     apply_overrides(root, overrides, problems, lambda tree, path: declares(model, path, to_plain(tree)))
-    poisoned = _interpolate(root, problems)
+    poisoned = interpolate(root, problems)
     return root, problems, poisoned
 
 
@@ -142,6 +144,8 @@ def _load_chain(path: Path, shown: str, chain: list[tuple[Path, str]], problems:
     if target.resolve() in seen:
         names = [s for _, s in chain[seen.index(target.resolve()):]] + [target_shown]
         raise SpecError(problems + [base.pos.error(("base",), "cyclic base: " + " -> ".join(names))])
+    if len(chain) >= MAX_BASES:
+        raise SpecError(problems + [base.pos.error(("base",), f"more than {MAX_BASES} specs inherit from one another")])
     parent = _load_chain(target, target_shown, chain, problems)
     return merge(parent, root, (), problems)
 
@@ -154,6 +158,8 @@ def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tup
     if not isinstance(name, str) or not name:
         raise fail("expected a preset name or a relative path to a YAML file")
     if "/" in name or os.sep in name or name.endswith(_YAML_SUFFIXES):
+        if not name.endswith(_YAML_SUFFIXES):
+            raise fail(f"base file '{name}' must be a .yaml or .yml file")
         path = including.parent / name
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
@@ -173,36 +179,3 @@ def _display(path: Path) -> str:
     except ValueError:  # another drive on Windows
         relative = os.pardir
     return str(path.resolve()) if relative.startswith(os.pardir) else relative
-
-
-def _interpolate(root: Node, problems: list[Diagnostic]) -> list[SpecPath]:
-    """Resolve every ``${...}`` in place; returns the paths that failed."""
-    sites = [(p, n) for p, n in walk(root) if isinstance(n.value, str) and "${" in n.value]
-    if not sites:
-        return []
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        config = OmegaConf.create(to_plain(root))
-    except OmegaConfBaseException as exc:
-        problems.append(root.pos.error((), f"cannot interpolate: {_first_line(exc)}"))
-        return [p for p, _ in sites]
-    failed = []
-    for path, node in sites:
-        try:
-            value = config
-            for key in path:
-                value = value[key]
-            if isinstance(value, (DictConfig, ListConfig)):
-                value = OmegaConf.to_container(value, resolve=True)
-        except OmegaConfBaseException as exc:
-            problems.append(node.pos.error(path, f"cannot resolve {node.value!r}: {_first_line(exc)}"))
-            failed.append(path)
-            continue
-        node.value = from_plain(value, node.pos).value
-    return failed
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

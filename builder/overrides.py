@@ -15,9 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ruamel.yaml.error import YAMLError
-
-from moebuild.errors import Diagnostic, SpecPath, did_you_mean, format_path
+from moebuild.errors import Diagnostic, SpecError, SpecPath, did_you_mean, format_path
 from moebuild.spec_tree import DELETE, Node, Pos, merge, read_value
 
 _SEGMENT = re.compile(r"([A-Za-z_][\w-]*|\d+)((?:\[\d+\])*)")
@@ -31,7 +29,8 @@ class Override:
     value: Node | None
 
     def pos(self, col: int = 1) -> Pos:
-        return Pos(f"<override {self.text!r}>", 1, col)
+        shown = self.text if len(self.text) <= 80 else f"{self.text[:60]}... ({len(self.text):,} characters)"
+        return Pos(f"<override {shown!r}>", 1, col)
 
     def error(self, message: str, path: SpecPath | None = None) -> Diagnostic:
         return self.pos().error(self.path if path is None else path, message)
@@ -71,13 +70,12 @@ def parse_override(text: str) -> Override:
         raise _BadOverride(blank.error(f"expected 'key=value', '+key=value', '++key=value' or '~key', got {text!r}"))
     value_pos = blank.pos(len(op) + len(key) + 2)
     try:
-        problems: list[Diagnostic] = []
-        value = read_value(value_text, value_pos, problems) if value_text else Node("", value_pos)
-    except YAMLError as exc:
-        message = f"value {value_text!r} is not valid YAML: {getattr(exc, 'problem', None) or exc}"
-        raise _BadOverride(value_pos.error(path, message)) from None
-    if problems:
-        raise _BadOverride(problems[0])
+        value = read_value(value_text, value_pos) if value_text else Node("", value_pos)
+    except SpecError as exc:
+        first = exc.diagnostics[0]
+        if first.message.startswith("not valid YAML"):
+            raise _BadOverride(value_pos.error(path, f"value {value_text!r} is {first.message}")) from None
+        raise _BadOverride(Diagnostic(first.file, first.line, first.col, (*path, *first.path), first.message)) from None
     if value.tag == DELETE:
         raise _BadOverride(blank.error(f"to delete a key write '~{key}'", path))
     return Override(text, op or "=", path, value)

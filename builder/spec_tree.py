@@ -13,18 +13,29 @@ merging and ``key: !delete`` removes an inherited key.
 from __future__ import annotations
 
 import datetime
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from moebuild.errors import Diagnostic, SpecError, SpecPath
 
 DELETE, REPLACE = "!delete", "!replace"
+MAX_SPEC_BYTES = 1 << 20
+"""Largest spec file read (the largest preset is about 3 KB)."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists (presets nest 5 levels)."""
+MAX_VALUES = 20_000
+"""Most values one file or override may hold once its aliases are expanded."""
+_YAML_TAG = "tag:yaml.org,2002:"
+_MAP, _SEQ, _MERGE = _YAML_TAG + "map", _YAML_TAG + "seq", _YAML_TAG + "merge"
+_SCALARS = {_YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
 @dataclass(frozen=True)
@@ -53,92 +64,189 @@ class Node:
 
 
 def read_yaml(path: Path, shown: str) -> Node:
-    """Parse one YAML file into a Node tree; any problem raises a one-line SpecError."""
-    whole = Pos(shown)
-    if path.is_dir():
-        raise SpecError([whole.error((), "is a directory, not a YAML spec file")])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([whole.error((), "no such file")]) from None
-    except UnicodeDecodeError:
-        raise SpecError([whole.error((), "not a UTF-8 text file")]) from None
-    except OSError as exc:
-        raise SpecError([whole.error((), f"cannot read: {exc.strerror}")]) from None
-    try:
-        data = YAML().load(text)
-    except MarkedYAMLError as exc:
-        raise SpecError([_yaml_error(exc, shown)]) from None
-    except YAMLError as exc:
-        raise SpecError([Pos(shown, 1, 1).error((), f"not valid YAML: {exc}")]) from None
-    if data is None:
-        raise SpecError([Pos(shown, 1, 1).error((), "empty file; expected a mapping of spec keys")])
-    if not isinstance(data, CommentedMap):
-        found = describe_value(_scalar(data) if not isinstance(data, list) else data)
-        raise SpecError([Pos(shown, 1, 1).error((), f"expected a mapping of spec keys, got {found}")])
-    problems: list[Diagnostic] = []
-    root = _from_ruamel(data, Pos(shown, 1, 1), None, shown, (), problems)
-    if problems:
-        raise SpecError(problems)
+    """Parse one YAML file into a Node tree; any problem raises a located SpecError."""
+    text = _read_text(path, Pos(shown))
+    at = Pos(shown, 1, 1)
+    root = _YamlReader(shown).read(text, at)
+    if root.value is None:
+        raise SpecError([at.error((), "empty file; expected a mapping of spec keys")])
+    if not isinstance(root.value, dict):
+        raise SpecError([at.error((), f"expected a mapping of spec keys, got {_kind(root.value)}")])
     return root
 
 
-def read_value(text: str, at: Pos, problems: list[Diagnostic]) -> Node:
+def read_value(text: str, at: Pos) -> Node:
     """One YAML value written inline (an override's right-hand side) starting at ``at``."""
-    data = YAML().load(text)
-    node = _from_ruamel(data, at, None, at.file, (), problems)
-    for _, sub in walk(node):
-        sub.pos = _shift(sub.pos, at)
-        sub.key_pos = sub.key_pos and _shift(sub.key_pos, at)
-    return node
+    return _YamlReader(at.file, shift=at).read(text, at)
 
 
-def _shift(pos: Pos, at: Pos) -> Pos:
-    if pos is at or pos.line != 1:
+def _read_text(path: Path, whole: Pos) -> str:
+    """The file's text; only a regular UTF-8 file of at most MAX_SPEC_BYTES is read (never a pipe,
+    a device or a directory, which could block or never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SpecError([whole.error((), "no such file")]) from None
+    except IsADirectoryError:
+        raise SpecError([whole.error((), "is a directory, not a YAML spec file")]) from None
+    except OSError as exc:
+        raise SpecError([whole.error((), f"cannot read: {exc.strerror}")]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise SpecError([whole.error((), "is a directory, not a YAML spec file")])
+        if not stat.S_ISREG(mode):
+            raise SpecError([whole.error((), "is not a regular file (a pipe, device or socket); a spec is a YAML file")])
+        data = os.read(fd, MAX_SPEC_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([whole.error((), f"is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec is a small YAML file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError([whole.error((), "not a UTF-8 text file")]) from None
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _YamlReader:
+    """YAML text -> Node tree, from ruamel's composed node graph (every node keeps its place).
+
+    Reading the graph rather than constructed Python objects sees what a spec must not do: tags
+    other than !delete / !replace (python tags never construct anything here), aliases that
+    expand exponentially or contain themselves, nesting deeper than MAX_DEPTH. Merge keys
+    (``<<: *anchor``) are ordinary YAML and are merged here: keys written in the mapping win,
+    then earlier merged mappings over later ones.
+    """
+
+    def __init__(self, shown: str, shift: Pos | None = None):
+        self.shown, self.shift = shown, shift
+        self.problems: list[Diagnostic] = []
+        self.values = 0
+        self.yaml = YAML()
+
+    def read(self, text: str, at: Pos) -> Node:
+        try:
+            graph = self.yaml.compose(text)
+        except RecursionError:
+            raise SpecError([at.error((), f"nested too deeply (a spec nests at most {MAX_DEPTH} levels)")]) from None
+        except MarkedYAMLError as exc:
+            raise SpecError([self._yaml_error(exc)]) from None
+        except YAMLError as exc:
+            raise SpecError([at.error((), f"not valid YAML: {exc}")]) from None
+        if graph is None:
+            return Node(None, at)
+        try:
+            root = self._node(graph, (), None, frozenset())
+        except _TooBig:
+            raise SpecError([at.error((), f"expands to more than {MAX_VALUES:,} values "
+                                          "(YAML aliases repeated inside each other?)")]) from None
+        if self.problems:
+            raise SpecError(self.problems)
+        return root
+
+    def _pos(self, mark) -> Pos:
+        pos = Pos(self.shown, mark.line + 1, mark.column + 1)
+        if self.shift is not None and pos.line == 1:
+            pos = Pos(self.shown, self.shift.line, self.shift.col + pos.col - 1)
         return pos
-    return Pos(at.file, at.line, at.col + pos.col - 1)
+
+    def _yaml_error(self, exc: MarkedYAMLError) -> Diagnostic:
+        mark = exc.problem_mark or exc.context_mark
+        text = exc.problem or exc.context or "cannot parse"
+        if exc.problem and exc.context:
+            where = f" started at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+            text += f" ({exc.context}{where})"
+        pos = self._pos(mark) if mark else Pos(self.shown, 1, 1)
+        return pos.error((), f"not valid YAML: {text}")
+
+    def _node(self, node, path: SpecPath, key_pos: Pos | None, inside: frozenset[int]) -> Node:
+        pos = self._pos(node.start_mark)
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _TooBig
+        if id(node) in inside:
+            self.problems.append(pos.error(path, "an alias here refers to a node that contains it"))
+            return Node(None, pos, key_pos)
+        if len(path) > MAX_DEPTH:
+            self.problems.append(pos.error(path, f"nested too deeply (a spec nests at most {MAX_DEPTH} levels)"))
+            return Node(None, pos, key_pos)
+        tag = _tag_name(node)
+        if isinstance(node, MappingNode):
+            self._check_tag(tag, _MAP, pos, path)
+            children = self._mapping(node, path, inside | {id(node)})
+            return Node(children, pos, key_pos, REPLACE if tag == REPLACE else None)
+        if isinstance(node, SequenceNode):
+            self._check_tag(tag, _SEQ, pos, path)
+            items = [self._node(item, (*path, i), None, inside | {id(node)}) for i, item in enumerate(node.value)]
+            return Node(items, pos, key_pos, REPLACE if tag == REPLACE else None)
+        if tag == REPLACE:
+            self.problems.append(pos.error(path, f"{REPLACE} applies to a mapping or a list"))
+        if tag == DELETE:
+            return Node(None, pos, key_pos, DELETE)
+        if tag not in _SCALARS:
+            self._check_tag(tag, (), pos, path)
+            return Node(None, pos, key_pos)
+        return Node(self._scalar(node, pos, path), pos, key_pos)
+
+    def _check_tag(self, tag: str, plain: tuple[str, ...], pos: Pos, path: SpecPath) -> None:
+        if tag in plain or tag == REPLACE:
+            return
+        shown = "!!" + tag[len(_YAML_TAG):] if tag.startswith(_YAML_TAG) else tag
+        why = " (a spec is plain data: python tags never run code here)" if "python/" in tag else ""
+        self.problems.append(pos.error(path, f"unknown tag '{shown}'; expected {DELETE} or {REPLACE}{why}"))
+
+    def _scalar(self, node, pos: Pos, path: SpecPath) -> Any:
+        try:
+            return _scalar(self.yaml.constructor.construct_object(node, deep=True))
+        except (ValueError, YAMLError) as exc:  # e.g. an integer beyond Python's 4,300-digit limit
+            reason = _first_line(exc).split(";")[0]
+            self.problems.append(pos.error(path, f"cannot read this value: {reason}"))
+            return None
+
+    def _mapping(self, node, path: SpecPath, inside: frozenset[int]) -> dict[Any, Node]:
+        children: dict[Any, Node] = {}
+        merged: list = []
+        for key_node, value_node in node.value:
+            key_pos = self._pos(key_node.start_mark)
+            if _tag_name(key_node) == _MERGE:
+                merged += value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+                continue
+            if not isinstance(key_node, ScalarNode):
+                self.problems.append(key_pos.error(path, "a key must be a plain scalar, not a mapping or a list"))
+                continue
+            key = self._scalar(key_node, key_pos, path)
+            if key in children:
+                first = children[key].key_or_value_pos()
+                self.problems.append(key_pos.error((*path, key), f"duplicate key '{key}' (first at line {first.line})"))
+                continue
+            children[key] = self._node(value_node, (*path, key), key_pos, inside)
+        for source in merged:
+            if not isinstance(source, MappingNode):
+                self.problems.append(self._pos(source.start_mark).error(path, "a merge key (<<) takes a mapping or a list of mappings"))
+                continue
+            for key, child in self._mapping(source, path, inside | {id(source)}).items():
+                children.setdefault(key, child)
+        return children
 
 
-def _yaml_error(exc: MarkedYAMLError, shown: str) -> Diagnostic:
-    mark = exc.problem_mark or exc.context_mark
-    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-    text = exc.problem or exc.context or "cannot parse"
-    if exc.problem and exc.context:
-        where = f" started at line {exc.context_mark.line + 1}" if exc.context_mark else ""
-        text += f" ({exc.context}{where})"
-    return Pos(shown, line, col).error((), f"not valid YAML: {text}")
+def _tag_name(node) -> str:
+    tag = getattr(node.tag, "value", node.tag)  # ruamel >= 0.18 wraps it in a Tag
+    return tag if isinstance(tag, str) else ""
 
 
-def _from_ruamel(value: Any, pos: Pos, key_pos: Pos | None, shown: str,
-                 path: SpecPath, problems: list[Diagnostic]) -> Node:
-    tag = _tag(value)
-    if tag not in (None, DELETE, REPLACE):
-        problems.append(pos.error(path, f"unknown tag '{tag}'; expected {DELETE} or {REPLACE}"))
-    if isinstance(value, CommentedMap):
-        children = {}
-        for k, v in value.items():
-            (kl, kc), (vl, vc) = value.lc.key(k), value.lc.value(k)
-            key = _scalar(k)
-            children[key] = _from_ruamel(v, Pos(shown, vl + 1, vc + 1), Pos(shown, kl + 1, kc + 1),
-                                         shown, (*path, key), problems)
-        return Node(children, pos, key_pos, tag)
-    if isinstance(value, CommentedSeq):
-        items = []
-        for i, v in enumerate(value):
-            line, col = value.lc.item(i)
-            items.append(_from_ruamel(v, Pos(shown, line + 1, col + 1), None, shown, (*path, i), problems))
-        return Node(items, pos, key_pos, tag)
-    if tag == REPLACE:
-        problems.append(pos.error(path, f"{REPLACE} applies to a mapping or a list"))
-    if isinstance(value, TaggedScalar):
-        return Node(None if tag == DELETE else value.value, pos, key_pos, tag)
-    return Node(_scalar(value), pos, key_pos)
+def _kind(value: Any) -> str:
+    """What a value is, without its content (it may come from a file that is not a spec)."""
+    if isinstance(value, (dict, list)) or value is None or isinstance(value, bool):
+        return describe_value(value)
+    return "a string" if isinstance(value, str) else "a number"
 
 
-def _tag(value: Any) -> str | None:
-    tag = getattr(value, "tag", None)
-    tag = getattr(tag, "value", tag)
-    return tag if isinstance(tag, str) and tag else None
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _scalar(value: Any) -> Any:
@@ -205,7 +313,7 @@ def describe_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value)
+        return repr(value) if len(value) <= 60 else repr(value[:60]) + "... (" + f"{len(value):,} characters)"
     return str(value)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 TokenSelector = Literal["all", "text", "image"]
 """Which tokens a route or a balancing term sees, by modality."""
@@ -22,7 +22,31 @@ Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gel
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+def up_to(high: int, low: int = 1) -> type[int]:
+    """An integer in [low, high]. Every count and size in a spec is bounded, so no value can ask
+    for terabytes or a loop of 10**12 steps (the bounds are far above any published model)."""
+    return Annotated[int, Field(ge=low, le=high)]
+
+
+Width = up_to(65_536)
+"""Hidden sizes, head dimensions and latent ranks."""
+FFNWidth = up_to(262_144)
+"""FFN and expert intermediate sizes."""
+LayerCount = up_to(1_024)
+HeadCount = up_to(1_024)
+ExpertCount = up_to(65_536)
+"""Experts in a pool, and counts of experts or groups of them."""
+VocabSize = up_to(4_194_304)
+TokenId = up_to(4_194_304 - 1, low=0)
+Positions = up_to(16_777_216)
+ImageSide = up_to(16_384)
+"""Image, tile and patch sides in pixels."""
+SmallCount = up_to(64)
+"""Connector depth and merge factor, tiles and images per prompt."""
 
 
 class CrossFieldError(ValueError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
-from .base import SpecModel
+from .base import SmallCount, SpecModel
 
 
 class LinearConnector(SpecModel):
@@ -21,7 +21,7 @@ class MLPConnector(SpecModel):
 
     type: Literal["mlp"]
     """Selects this kind: mlp."""
-    depth: PositiveInt = 2
+    depth: SmallCount = 2
     """Number of Linear layers."""
     activation: Literal["gelu", "silu", "relu"] = "gelu"
     """Activation between the Linear layers."""
@@ -32,9 +32,9 @@ class DownsampleMLPConnector(SpecModel):
 
     type: Literal["downsample_mlp"]
     """Selects this kind: downsample_mlp."""
-    factor: PositiveInt = 2
+    factor: SmallCount = 2
     """Side of the square of patches merged into one token; the grid is zero-padded to a multiple."""
-    depth: PositiveInt = 2
+    depth: SmallCount = 2
     """Number of Linear layers."""
     activation: Literal["gelu", "silu", "relu"] = "gelu"
     """Activation between the Linear layers."""

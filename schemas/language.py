@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 
-from .base import Activation, SpecModel
+from .base import Activation, FFNWidth, HeadCount, LayerCount, Positions, SpecModel, VocabSize, Width
 
 LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
 
@@ -36,15 +36,15 @@ class MultiHeadLatentAttention(SpecModel):
 
     type: Literal["mla"]
     """Selects this kind: mla."""
-    kv_lora_rank: PositiveInt
+    kv_lora_rank: Width
     """Width of the compressed key/value latent (the KV cache stores it plus the RoPE key)."""
-    q_lora_rank: PositiveInt | None = None
+    q_lora_rank: Width | None = None
     """Width of the compressed query; null = queries projected directly."""
-    qk_rope_head_dim: PositiveInt
+    qk_rope_head_dim: Width
     """Per-head dimensions that carry rotary position."""
-    qk_nope_head_dim: PositiveInt
+    qk_nope_head_dim: Width
     """Per-head query/key dimensions without rotary position."""
-    v_head_dim: PositiveInt
+    v_head_dim: Width
     """Per-head value dimensions."""
 
 
@@ -60,25 +60,25 @@ class LanguageSpec(SpecModel):
     """transformers model family providing attention, norms, rotary embedding and the dense MLP."""
     pretrained: str | None = None
     """Local directory of a Hugging Face checkpoint (safetensors); null = random init from the numbers."""
-    hidden_size: PositiveInt
+    hidden_size: Width
     """Model width."""
-    num_layers: PositiveInt
+    num_layers: LayerCount
     """Number of decoder layers."""
-    num_heads: PositiveInt
+    num_heads: HeadCount
     """Query heads per layer."""
-    num_kv_heads: PositiveInt | None = None
+    num_kv_heads: HeadCount | None = None
     """Key/value heads (gqa); null = num_heads."""
-    head_dim: PositiveInt | None = None
+    head_dim: Width | None = None
     """Per-head width; null = hidden_size / num_heads (DeepSeek-VL2-Tiny sets 128 with 10 heads of a 1280 model)."""
-    intermediate_size: PositiveInt
+    intermediate_size: FFNWidth
     """Width of the dense FFN (and of each expert when a pool upcycles it)."""
-    vocab_size: PositiveInt
+    vocab_size: VocabSize
     """Token vocabulary size."""
     attention: AttentionSpec = Field(default_factory=lambda: MultiHeadAttention(type="mha"))
     """Attention kind: mha, gqa or mla."""
     hidden_act: Activation | None = None
     """Activation of the dense FFN; null = the family's (silu; gelu_new for phi)."""
-    max_position_embeddings: PositiveInt = 4096
+    max_position_embeddings: Positions = 4096
     """Longest sequence the rotary embedding is set up for."""
     rope_theta: PositiveFloat = 10000.0
     """Rotary base frequency."""
@@ -94,10 +94,8 @@ class LanguageSpec(SpecModel):
     @model_validator(mode="after")
     def _head_rules(self):
         kv = self.num_kv_heads or self.num_heads
-        if self.head_dim is None and self.attention.type != "mla" and self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads} (set head_dim)"
-            )
+        if self.hidden_size % self.num_heads:  # transformers' llama and deepseek_v2 configs require it, head_dim or not
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % kv:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
         if self.attention.type == "mha" and kv != self.num_heads:

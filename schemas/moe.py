@@ -9,30 +9,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from .base import Activation, SpecModel, TokenSelector
+from .base import Activation, ExpertCount, FFNWidth, SpecModel, TokenSelector, up_to
 from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
 
 MAX_CAPACITY_FACTOR = 64.0
+LayerIndex = up_to(1_023, low=0)
 
 
 class FirstKDense(SpecModel):
     """Dense FFN in the first k layers, MoE in all the others (DeepSeekMoE first_k_dense_replace)."""
 
-    first_k_dense: NonNegativeInt
+    first_k_dense: LayerIndex
     """How many leading layers keep their dense FFN."""
 
 
-LayerPattern = Union[Literal["all", "every_other", "first_half", "second_half"], FirstKDense, list[NonNegativeInt]]
+LayerPattern = Union[Literal["all", "every_other", "first_half", "second_half"], FirstKDense, list[LayerIndex]]
 
 
 class PoolSpec(SpecModel):
     """A named set of identically shaped experts, stored stacked (transformers-5 layout)."""
 
-    num_experts: PositiveInt
+    num_experts: ExpertCount
     """Number of experts in the pool."""
-    intermediate_size: PositiveInt
+    intermediate_size: FFNWidth
     """Hidden width of each expert."""
     activation: Activation = "silu"
     """Expert activation."""
@@ -61,7 +62,7 @@ class CapacitySpec(SpecModel):
     """Capacity factor in training; null = dropless."""
     eval: PositiveFloat | None = Field(default=None, le=MAX_CAPACITY_FACTOR)
     """Capacity factor in evaluation and generation; null = dropless."""
-    min: NonNegativeInt = 0
+    min: up_to(1 << 20, low=0) = 0
     """Smallest capacity per expert."""
     drop: Literal["by_position", "by_score"] = "by_position"
     """Which slots an over-full expert keeps: by_position = all first choices, then second choices, each in token order (DeepSpeed); by_score = its highest gate weights."""
@@ -71,9 +72,9 @@ class GroupSpec(SpecModel):
     """Group-limited selection (DeepSeek-V3 n_group / topk_group): experts split into equal groups, a
     group scores the sum of its two best expert scores, only the best top_groups groups are selectable."""
 
-    num_groups: PositiveInt
+    num_groups: ExpertCount
     """Number of expert groups (must divide the pool's num_experts)."""
-    top_groups: PositiveInt
+    top_groups: ExpertCount
     """Groups kept per token."""
 
     @model_validator(mode="after")
@@ -86,9 +87,9 @@ class GroupSpec(SpecModel):
 class CurriculumSpec(SpecModel):
     """Top-k curriculum: k = min(top_k, start_k + step // steps_per_k), step = optimiser steps counted by model.update_balancing()."""
 
-    start_k: PositiveInt = 1
+    start_k: ExpertCount = 1
     """k at step 0."""
-    steps_per_k: PositiveInt
+    steps_per_k: up_to(10**9)
     """Optimiser steps between k and k + 1."""
 
 
@@ -107,7 +108,7 @@ class TopKRouter(SpecModel):
 
     type: Literal["topk"]
     """Selects this kind: topk."""
-    top_k: PositiveInt
+    top_k: ExpertCount
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
     """Score function over the router logits."""
@@ -174,7 +175,7 @@ class SoftRouter(SpecModel):
 
     type: Literal["soft"]
     """Selects this kind: soft."""
-    slots_per_expert: PositiveInt = 1
+    slots_per_expert: up_to(1_024) = 1
     """Slots each expert processes per sequence."""
     dtype: RouterDtype = "float32"
     """Precision of the router logits."""
@@ -187,7 +188,7 @@ class ThresholdRouter(SpecModel):
     """Selects this kind: threshold."""
     threshold: float = Field(gt=0.0, le=1.0)
     """Probability mass p to reach."""
-    max_experts: PositiveInt
+    max_experts: ExpertCount
     """Most experts per token."""
     normalize: bool = False
     """Renormalise each token's weights to sum to 1."""
@@ -202,9 +203,9 @@ class DynamicTopKRouter(SpecModel):
 
     type: Literal["dynamic_topk"]
     """Selects this kind: dynamic_topk."""
-    top_k: PositiveInt
+    top_k: ExpertCount
     """Experts per ordinary token."""
-    tail_top_k: PositiveInt
+    tail_top_k: ExpertCount
     """Experts per tail token (LTDR: 4 of 4 experts, 12 of 64)."""
     normalize: bool = False
     """Renormalise each token's weights to sum to 1."""

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
-from .base import SpecModel
+from .base import ExpertCount, SpecModel, up_to
 
-ExpertGroups = dict[str, PositiveInt]
+ExpertGroups = dict[str, ExpertCount]
 """Named groups of consecutive experts of the route's pool, in order, sizes summing to its num_experts."""
 
 
 class _Grouped(SpecModel):
     groups: ExpertGroups = Field(min_length=2)
     """Named groups of consecutive experts of the pool, e.g. {image: 4, text: 4}; sizes sum to the pool's num_experts."""
-    top_k: PositiveInt = 1
+    top_k: ExpertCount = 1
     """Experts chosen inside each chosen group."""
     normalize: bool = False
     """Renormalise each token's weights (over every chosen expert) to sum to 1."""
@@ -47,7 +47,7 @@ class HierarchicalRouter(_Grouped):
 
     type: Literal["hierarchical"]
     """Selects this kind: hierarchical."""
-    top_groups: PositiveInt = 1
+    top_groups: ExpertCount = 1
     """Groups chosen per token by the first gate (softmax over groups)."""
 
     @model_validator(mode="after")
@@ -65,7 +65,7 @@ class ModalityMixRouter(_Grouped):
 
 
 class _FeatureTopK(SpecModel):
-    top_k: PositiveInt
+    top_k: ExpertCount
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
     """Score function over all experts, applied before selection."""
@@ -78,7 +78,7 @@ class ContextRouter(_FeatureTopK):
 
     type: Literal["context"]
     """Selects this kind: context."""
-    hops: PositiveInt = 1
+    hops: up_to(16) = 1
     """Rounds of neighbour averaging (message passing) before the gate."""
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, model_validator
+from pydantic import Field, model_validator
 
-from .base import CrossFieldError, Path, SpecModel, did_you_mean
+from .base import CrossFieldError, Path, SpecModel, TokenId, did_you_mean
 from .connector import ConnectorSpec
 from .language import LanguageSpec
 from .moe import MoESpec, moe_layer_indices
@@ -17,13 +17,13 @@ from .vision import VisionSpec
 class TokenIds(SpecModel):
     """Special token ids the model needs without a tokenizer."""
 
-    image: NonNegativeInt | None = None
+    image: TokenId | None = None
     """Placeholder id replaced by image features; null = vocab_size - 1."""
-    pad: NonNegativeInt = 0
+    pad: TokenId = 0
     """Padding id."""
-    bos: NonNegativeInt | None = 1
+    bos: TokenId | None = 1
     """Beginning-of-sequence id."""
-    eos: NonNegativeInt | None = 2
+    eos: TokenId | None = 2
     """End-of-sequence id (generation stops on it)."""
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, model_validator
 
-from .base import Activation, SpecModel
+from .base import Activation, FFNWidth, HeadCount, ImageSide, LayerCount, SmallCount, SpecModel, Width
 
 
 class DynamicTiling(SpecModel):
@@ -19,30 +19,30 @@ class DynamicTiling(SpecModel):
 
     type: Literal["dynamic"]
     """Selects this kind: dynamic."""
-    tile_size: PositiveInt = 384
+    tile_size: ImageSide = 384
     """Side of one square tile in pixels (the tower's image_size)."""
-    max_tiles: PositiveInt = 9
+    max_tiles: SmallCount = 9
     """Largest number of local tiles m*n a grid may have."""
     global_view: bool = True
     """Prepend a downscaled view of the whole image to the local tiles."""
-    max_images: PositiveInt = 2
+    max_images: SmallCount = 2
     """Prompts with more images than this get the global view plus a single tile per image."""
 
 
 class _VisionBase(SpecModel):
     pretrained: str | None = None
     """Local directory of a Hugging Face checkpoint (safetensors); null = random init from the numbers."""
-    image_size: PositiveInt
+    image_size: ImageSide
     """Input resolution in pixels (square)."""
-    patch_size: PositiveInt
+    patch_size: ImageSide
     """Side of one patch in pixels; the grid is image_size // patch_size (384 / 14 -> 27, as SigLIP-SO400M)."""
-    hidden_size: PositiveInt
+    hidden_size: Width
     """Width of the tower."""
-    num_layers: PositiveInt
+    num_layers: LayerCount
     """Number of transformer blocks."""
-    num_heads: PositiveInt
+    num_heads: HeadCount
     """Attention heads per block."""
-    intermediate_size: PositiveInt
+    intermediate_size: FFNWidth
     """Width of each block's MLP."""
     select_layer: int = -2
     """Which hidden state feeds the connector (Python indexing over the num_layers+1 hidden states)."""

@@ -97,7 +97,7 @@ def test_inherited_value_is_located_in_the_base_file(tmp_path):
     """)
     write(tmp_path / "child.yaml", "base: parent.yaml\nname: child\n")
     (line,) = errors(tmp_path / "child.yaml")
-    assert line == f"{tmp_path / 'parent.yaml'}:2:22: error: vision.image_size: must be > 0, got -5"
+    assert line == f"{tmp_path / 'parent.yaml'}:2:22: error: vision.image_size: must be >= 1, got -5"
 
 
 def test_delete_of_a_key_not_inherited_is_an_error(tmp_path):
