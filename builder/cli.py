@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import click
@@ -22,12 +23,27 @@ SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 
 
 class _Group(click.Group):
+    """Every error ends as its message and exit 1: a SpecError's located lines, anything else one
+    line naming its type (MOEBUILD_TRACEBACK=1 shows the traceback instead, for bug reports)."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SpecError as exc:
             click.echo(str(exc), err=True)
             ctx.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("MOEBUILD_TRACEBACK"):
+                raise
+            click.echo(f"Error: {type(exc).__name__}: {_first_line(exc)}", err=True)
+            ctx.exit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,6 +228,7 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     from moebuild.loading import load_spec
     from moebuild.summary import format_table, summarize
 
+    from moebuild.errors import BuildError
     from moebuild.output import OutputError, check_output
 
     parsed = load_spec(spec, overrides)
@@ -226,10 +243,11 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     hf_logging.disable_progress_bar()  # the summary table is the output; no shard-writing bars
     try:
         build_and_save(parsed, output, device=device, dtype=dtype, seed=seed, force=force)
-    except OutputError as exc:
+    except (OutputError, BuildError) as exc:
         raise click.ClickException(str(exc)) from None
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(f"{spec}: {exc}") from None
+    except (ValueError, OSError, MemoryError, RuntimeError) as exc:
+        # allocation failures, safetensors header errors, transformers' config validators...
+        raise click.ClickException(f"{spec}: {_first_line(exc)}") from None
     click.echo(format_table(summarize(parsed)))
     click.echo(f"wrote {output}" + (" (config and spec only: built on meta)" if device == "meta" else ""))
 

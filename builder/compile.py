@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from moebuild.errors import BuildError
 from moebuild.schemas import (
     ClipVision,
     DownsampleMLPConnector,
@@ -190,11 +191,28 @@ def build(spec, device=None, dtype=None, seed: int | None = None):
         torch.manual_seed(seed)
     config = MoEVLMConfig(spec=spec.model_dump(mode="json"))
     device = torch.device(device or "cpu")
+    if device.type != "meta":
+        check_memory(spec, dtype or torch.float32, device)
     with torch.device(device), default_dtype(dtype):
         model = MoEVLMForConditionalGeneration(config)
     if device.type != "meta":
         load_pretrained_parts(model, spec)
     return model
+
+
+def check_memory(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before allocating, a model whose weights alone exceed the memory available."""
+    from .memory_budget import available_bytes
+    from .summary import summarize
+
+    needed = summarize(spec).total_params * dtype.itemsize
+    available = available_bytes(device)
+    if available is not None and needed > available:
+        raise BuildError(
+            f"{spec.name} needs {needed / 2**30:.1f} GiB for its weights in {str(dtype).removeprefix('torch.')} "
+            f"but {available / 2**30:.1f} GiB of {device.type} memory is available; build it on "
+            "device='meta' (moebuild compile --device meta) to inspect it without allocating"
+        )
 
 
 def tile_token_side(spec: ModelSpec) -> int:

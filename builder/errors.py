@@ -37,3 +37,7 @@ class SpecError(Exception):
     def __init__(self, diagnostics: Sequence[Diagnostic]):
         self.diagnostics = list(diagnostics)
         super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+class BuildError(Exception):
+    """A valid spec that cannot be built here (e.g. its weights exceed the memory available); one line."""

@@ -26,7 +26,7 @@ from moebuild.diagnose import declares, validation_diagnostics
 from moebuild.errors import Diagnostic, SpecError, SpecPath
 from moebuild.interpolation import interpolate
 from moebuild.overrides import apply_overrides
-from moebuild.spec_tree import Node, Pos, merge, read_yaml, to_plain
+from moebuild.spec_tree import Node, Pos, merge, node_at, read_yaml, to_plain
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 MAX_BASES = 32
@@ -37,11 +37,21 @@ def load_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
 
     Raises SpecError listing every problem, each at the place it was written.
     """
-    return load_as(_model_spec(), name_or_path, overrides)
+    spec, root, problems = _validated(_model_spec(), name_or_path, overrides)
+    if spec is not None:
+        problems += _pretrained_problems(spec, root)
+    _raise_if_any(problems)
+    return spec
 
 
 def load_as(model: type, name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
     """Like load_spec, validating with another pydantic model (a spec section, a test model)."""
+    spec, _, problems = _validated(model, name_or_path, overrides)
+    _raise_if_any(problems)
+    return spec
+
+
+def _validated(model: type, name_or_path, overrides) -> tuple[Any, Node, list[Diagnostic]]:
     root, problems, poisoned = _resolve(model, name_or_path, overrides)
     data = to_plain(root)
     try:
@@ -50,8 +60,29 @@ def load_as(model: type, name_or_path: str | os.PathLike, overrides: Sequence[st
         found = validation_diagnostics(exc, model, root, data)
         problems += [d for d in found if not any(d.path[: len(p)] == p for p in poisoned)]
         spec = None
-    _raise_if_any(problems)
-    return spec
+    return spec, root, problems
+
+
+def _pretrained_problems(spec, root: Node) -> list[Diagnostic]:
+    """A `pretrained:` directory must exist and hold safetensors weights (never pickles)."""
+    problems = []
+    for section in ("vision", "language"):
+        path = getattr(spec, section).pretrained
+        if path is None:
+            continue
+        where = (section, "pretrained")
+        node, _ = node_at(root, where)
+        directory = Path(path)
+        if not directory.is_dir():
+            message = "is a file; give the checkpoint's directory" if directory.exists() else "no such directory"
+        elif not any(directory.glob("*.safetensors")):
+            pickles = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+            message = ("holds no .safetensors files" + (" (only pickled .bin/.pt weights, which moebuild never "
+                       "loads: convert them with safetensors.torch.save_file)" if pickles else ""))
+        else:
+            continue
+        problems.append(node.pos.error(where, f"{path!r}: {message}"))
+    return problems
 
 
 def resolve_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moebuild.errors import Diagnostic, SpecError, SpecPath, did_you_mean, format_path
-from moebuild.spec_tree import DELETE, Node, Pos, merge, read_value
+from moebuild.spec_tree import DELETE, MAX_DEPTH, Node, Pos, merge, read_value
 
 _SEGMENT = re.compile(r"([A-Za-z_][\w-]*|\d+)((?:\[\d+\])*)")
 
@@ -91,6 +91,8 @@ def _parse_key(key: str, blank: Override) -> SpecPath:
         head, indices = match.groups()
         path.append(int(head) if head.isdigit() else head)
         path.extend(int(i) for i in re.findall(r"\d+", indices))
+    if len(path) > MAX_DEPTH:
+        raise _BadOverride(blank.error(f"a key nests at most {MAX_DEPTH} levels"))
     return tuple(path)
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from moebuild.schemas import ModelSpec
@@ -43,7 +44,10 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no .safetensors files (only safetensors weights are loaded)")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(directory / name))
+        try:
+            state.update(load_file(directory / name))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{directory / name}: not a readable safetensors file ({exc})") from None
     return state
 
 

@@ -5,8 +5,9 @@ transformers 5.x: `CLIPVisionModel` / `SiglipVisionModel` (every block kept, wha
 select_layer; SigLIP's attention-pooling head when use_head), the connectors of
 `moebuild.connectors`, and the decoder families of `moebuild.language` (`modeling_<family>.py`)
 with each MoE layer's FFN replaced by its expert pools (`moebuild.moe.experts`, stacked
-transformers-5 layout) and one E x H router weight per routed route (E x slots x H for soft, H for
-a gated dense route, none for a plain dense one). Parts, named as the modules' parameters
+transformers-5 layout) and each route's router as its schema class counts it (`params`: E x H for
+most, E x slots x H for soft, H for a gated dense route, none for a plain dense one). Parts, named
+as the modules' parameters
 group: vision embeddings / norms / layers / head; connector layers; language embedding,
 attention (projections and MLA's inner norms), norms, dense_ffn, experts.<pool>, routers,
 lm_head (only its bias when tied to the embedding); with tiling, the connector's tile_layout
@@ -14,10 +15,11 @@ lm_head (only its bias when tied to the embedding); with tiling, the connector's
 
 Active parameters per token (the `counting` sentence in the JSON says the same):
 - a token takes the routes whose `tokens` match its modality (text or image); in a pool it uses
-  every expert when a matching route is dense (or soft), else the most experts any matching route
-  gives one token: top_k, 2 for deepspeed_top2, tail_top_k for dynamic_topk (LTDR's tail image
-  tokens), max_experts for threshold, the average capacity_factor for expert_choice (two routes
-  over one pool never add up: LTDR's text top-2 and image top-4 use at most 4 experts);
+  the most experts any matching route gives one token, as the router's schema class says
+  (`experts_per_token`): every expert for dense and soft, top_k, 2 for deepspeed_top2,
+  tail_top_k for dynamic_topk (LTDR's tail image tokens), max_experts for threshold, the average
+  capacity_factor for expert_choice, top_groups x top_k for hierarchical (two routes over one
+  pool never add up: LTDR's text top-2 and image top-4 use at most 4 experts);
   the routers of its matching routes count fully;
 - the modality with more active parameters is reported (text on ties), so hard modality routing
   (image tokens to one pool, text to another) counts one pool, not both;
@@ -281,39 +283,6 @@ def _dense_ffn(lang) -> tuple[int, int]:
     return _ffn_params(lang.hidden_size, lang.intermediate_size, gated, bias=not gated)
 
 
-@dataclass(frozen=True)
-class _RouterCount:
-    """How one router type is counted: a new router type adds one entry to `_ROUTERS`."""
-
-    params: Callable[[Any, int, int], int]
-    """(router spec, num_experts, hidden) -> parameters of one layer's router."""
-    experts_used: Callable[[Any, int], int]
-    """(router spec, num_experts) -> most experts of the pool one token uses."""
-
-
-_ROUTERS = {
-    "topk": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.top_k),
-    "dense": _RouterCount(params=lambda router, e, h: h if router.gate == "sigmoid" else 0, experts_used=lambda router, e: e),
-    "deepspeed_top2": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: 2),
-    "threshold": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.max_experts),
-    "dynamic_topk": _RouterCount(params=lambda router, e, h: e * h, experts_used=lambda router, e: router.tail_top_k),
-    # expert_choice: capacity_factor experts per token on average; soft: every expert (through its slots)
-    "expert_choice": _RouterCount(params=lambda router, e, h: e * h,
-                                  experts_used=lambda router, e: min(e, int(-(-router.capacity_factor // 1)))),
-    "soft": _RouterCount(params=lambda router, e, h: e * router.slots_per_expert * h, experts_used=lambda router, e: e),
-}
-
-
-def _router_count(route) -> _RouterCount:
-    if route.router.type not in _ROUTERS:
-        raise NotImplementedError(f"summary does not count router type {route.router.type!r} yet")
-    return _ROUTERS[route.router.type]
-
-
-def _router_params(route, num_experts: int, hidden: int) -> int:
-    return _router_count(route).params(route.router, num_experts, hidden)
-
-
 def _moe_parts(spec: ModelSpec, modality: str) -> dict[str, Part]:
     """Experts per pool and routers over all MoE layers, active for a token of `modality`."""
     moe, h, n_moe = spec.moe, spec.language.hidden_size, len(spec.moe_layers())
@@ -321,12 +290,11 @@ def _moe_parts(spec: ModelSpec, modality: str) -> dict[str, Part]:
     parts = {}
     for name, pool in moe.pools.items():
         per_expert, weights = _ffn_params(h, pool.intermediate_size, pool.gated, pool.bias)
-        used = max((_router_count(r).experts_used(r.router, pool.num_experts)
-                    for r in matching if r.pool == name), default=0)
+        used = max((r.router.experts_per_token(pool.num_experts) for r in matching if r.pool == name), default=0)
         total = n_moe * pool.num_experts * per_expert
         parts[f"experts.{name}"] = Part(total, n_moe * used * per_expert, 2 * n_moe * used * weights)
-    total = sum(_router_params(r, moe.pools[r.pool].num_experts, h) for r in moe.routes)
-    active = sum(_router_params(r, moe.pools[r.pool].num_experts, h) for r in matching)
+    total = sum(r.router.params(moe.pools[r.pool].num_experts, h) for r in moe.routes)
+    active = sum(r.router.params(moe.pools[r.pool].num_experts, h) for r in matching)
     parts["routers"] = Part(n_moe * total, n_moe * active, 2 * n_moe * active)
     return parts
 

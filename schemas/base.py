@@ -49,6 +49,26 @@ SmallCount = up_to(64)
 """Connector depth and merge factor, tiles and images per prompt."""
 
 
+class RouterBase(SpecModel):
+    """What a router type tells about itself without torch; `summary`, the validator and the
+    builder's registry read these, so a new router type is one class here and one module."""
+
+    def params(self, num_experts: int, hidden: int) -> int:
+        """Parameters of one layer's router over a pool of `num_experts` (default: one E x hidden weight)."""
+        return num_experts * hidden
+
+    def experts_per_token(self, num_experts: int) -> int:
+        """The most experts of its pool this router gives one token."""
+        raise NotImplementedError(f"{type(self).__name__} must say how many experts a token uses")
+
+    def compares_tokens(self) -> str | None:
+        """Why a token's routing depends on the other tokens of the call, or None when it does not.
+
+        Such a router on a route over text lets a causal language model see later tokens in
+        training (the spec must then say `causal: false` on the route)."""
+        return None
+
+
 class CrossFieldError(ValueError):
     """Raised by the root validator with every rule that spans several fields, each at its own path.
 

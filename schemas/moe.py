@@ -7,11 +7,12 @@ route over the routed pool.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from .base import Activation, ExpertCount, FFNWidth, SpecModel, TokenSelector, up_to
+from .base import Activation, ExpertCount, FFNWidth, RouterBase, SpecModel, TokenSelector, up_to
 from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
 
 MAX_CAPACITY_FACTOR = 64.0
@@ -68,6 +69,18 @@ class CapacitySpec(SpecModel):
     """Which slots an over-full expert keeps: by_position = all first choices, then second choices, each in token order (DeepSpeed); by_score = its highest gate weights."""
 
 
+def _capacity_compares(capacity: CapacitySpec | None, top_k: int) -> str | None:
+    """Capacity dropping by score, or by position with several choices per token (a token's later
+    choice waits behind every token's first), makes a token's experts depend on other tokens."""
+    if capacity is None or (capacity.train is None and capacity.eval is None):
+        return None
+    if capacity.drop == "by_score":
+        return "capacity keeps each expert's highest-scoring tokens of the call"
+    if top_k > 1:
+        return "capacity takes every token's first choice before any token's second"
+    return None
+
+
 class GroupSpec(SpecModel):
     """Group-limited selection (DeepSeek-V3 n_group / topk_group): experts split into equal groups, a
     group scores the sum of its two best expert scores, only the best top_groups groups are selectable."""
@@ -103,7 +116,7 @@ class CorrectionBias(SpecModel):
     """Update speed gamma of b_e += gamma * sign(mean load - load_e) after each optimiser step."""
 
 
-class TopKRouter(SpecModel):
+class TopKRouter(RouterBase):
     """Token-choice top-k: softmax (or sigmoid) scores over a pool, each token to its k best experts."""
 
     type: Literal["topk"]
@@ -139,8 +152,14 @@ class TopKRouter(SpecModel):
             raise ValueError("order topk_softmax needs score softmax")
         return self
 
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.top_k
 
-class DeepSpeedTop2Router(SpecModel):
+    def compares_tokens(self) -> str | None:
+        return _capacity_compares(self.capacity, self.top_k)
+
+
+class DeepSpeedTop2Router(RouterBase):
     """MoE-LLaVA's gate (DeepSpeed top2gating): softmax; top-1 argmax; second = argmax(logits + Gumbel) without the first, in training and evaluation; capacity max(ceil(2*T*cf/E), min) filled first choices first, in token order; kept gates renormalised."""
 
     type: Literal["deepspeed_top2"]
@@ -158,8 +177,14 @@ class DeepSpeedTop2Router(SpecModel):
             raise ValueError("deepspeed_top2 drops by_position")
         return self
 
+    def experts_per_token(self, num_experts: int) -> int:
+        return 2
 
-class ExpertChoiceRouter(SpecModel):
+    def compares_tokens(self) -> str | None:
+        return _capacity_compares(self.capacity, 2)
+
+
+class ExpertChoiceRouter(RouterBase):
     """Expert choice (Zhou et al. 2022): each expert takes the capacity_factor * n / E tokens of the call it scores highest. Not causal: a token's routing depends on later tokens."""
 
     type: Literal["expert_choice"]
@@ -169,8 +194,14 @@ class ExpertChoiceRouter(SpecModel):
     dtype: RouterDtype = "float32"
     """Precision of the router logits."""
 
+    def experts_per_token(self, num_experts: int) -> int:
+        return min(num_experts, math.ceil(self.capacity_factor))  # on average; a token may get more
 
-class SoftRouter(SpecModel):
+    def compares_tokens(self) -> str | None:
+        return "each expert picks its tokens among all tokens of the call"
+
+
+class SoftRouter(RouterBase):
     """Soft MoE (Puigcerver et al. 2024): expert slots take softmax-weighted mixes of one sequence's tokens in the call; tokens take mixes of slot outputs. Not causal."""
 
     type: Literal["soft"]
@@ -180,8 +211,17 @@ class SoftRouter(SpecModel):
     dtype: RouterDtype = "float32"
     """Precision of the router logits."""
 
+    def params(self, num_experts: int, hidden: int) -> int:
+        return num_experts * self.slots_per_expert * hidden
 
-class ThresholdRouter(SpecModel):
+    def experts_per_token(self, num_experts: int) -> int:
+        return num_experts  # through the slots
+
+    def compares_tokens(self) -> str | None:
+        return "every slot mixes all tokens of a sequence"
+
+
+class ThresholdRouter(RouterBase):
     """Top-p routing: each token takes its smallest set of best experts whose softmax mass reaches threshold, at most max_experts."""
 
     type: Literal["threshold"]
@@ -197,8 +237,11 @@ class ThresholdRouter(SpecModel):
     dtype: RouterDtype = "float32"
     """Precision of the router logits."""
 
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.max_experts
 
-class DynamicTopKRouter(SpecModel):
+
+class DynamicTopKRouter(RouterBase):
     """LTDR (Cai et al. 2025): tokens whose routing-probability variance exceeds the mean over the route's tokens in the batch take tail_top_k experts, the others top_k; at inference too."""
 
     type: Literal["dynamic_topk"]
@@ -220,14 +263,26 @@ class DynamicTopKRouter(SpecModel):
             raise ValueError(f"tail_top_k ({self.tail_top_k}) must be >= top_k ({self.top_k})")
         return self
 
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.tail_top_k
 
-class DenseRouter(SpecModel):
+    def compares_tokens(self) -> str | None:
+        return "a token is a tail token by comparison with the mean over the route's tokens of the call"
+
+
+class DenseRouter(RouterBase):
     """Every token to every expert of the pool (shared experts), with weight 1 or a sigmoid gate."""
 
     type: Literal["dense"]
     """Selects this kind: dense."""
     gate: Literal["none", "sigmoid"] = "none"
     """none = weight 1; sigmoid = weight sigmoid(x . w) per token, one learned w [hidden] (Qwen2-MoE shared_expert_gate)."""
+
+    def params(self, num_experts: int, hidden: int) -> int:
+        return hidden if self.gate == "sigmoid" else 0
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return num_experts
 
 
 RouterSpec = Annotated[
@@ -247,6 +302,8 @@ class RouteSpec(SpecModel):
     """Name of the expert pool (a key of moe.pools)."""
     router: RouterSpec
     """How the tokens pick experts of the pool."""
+    causal: bool = True
+    """true: on a route over text, refuse routers whose routing of a token depends on other tokens of the call (expert_choice, soft, dynamic_topk, capacity by_score or with several choices per token), which let a causal LM see later tokens in training; false: accept them here (MoE-LLaVA's DeepSpeed capacity does this)."""
 
 
 class _BalancingTerm(SpecModel):

@@ -20,13 +20,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import ExpertCount, SpecModel, up_to
+from .base import ExpertCount, RouterBase, up_to
 
 ExpertGroups = dict[str, ExpertCount]
 """Named groups of consecutive experts of the route's pool, in order, sizes summing to its num_experts."""
 
 
-class _Grouped(SpecModel):
+class _Grouped(RouterBase):
     groups: ExpertGroups = Field(min_length=2)
     """Named groups of consecutive experts of the pool, e.g. {image: 4, text: 4}; sizes sum to the pool's num_experts."""
     top_k: ExpertCount = 1
@@ -56,6 +56,12 @@ class HierarchicalRouter(_Grouped):
             raise ValueError(f"top_groups ({self.top_groups}) must be <= the number of groups ({len(self.groups)})")
         return self
 
+    def params(self, num_experts: int, hidden: int) -> int:
+        return (num_experts + len(self.groups)) * hidden  # expert gate and group gate
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.top_groups * self.top_k
+
 
 class ModalityMixRouter(_Grouped):
     """Soft modality mixing: every group, weighted by a learned softmax over groups per token modality."""
@@ -63,14 +69,26 @@ class ModalityMixRouter(_Grouped):
     type: Literal["modality_mix"]
     """Selects this kind: modality_mix."""
 
+    def params(self, num_experts: int, hidden: int) -> int:
+        return num_experts * hidden + 2 * len(self.groups)  # expert gate, group logits per modality
 
-class _FeatureTopK(SpecModel):
+    def experts_per_token(self, num_experts: int) -> int:
+        return len(self.groups) * self.top_k
+
+
+class _FeatureTopK(RouterBase):
     top_k: ExpertCount
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
     """Score function over all experts, applied before selection."""
     normalize: bool = False
     """Renormalise each token's k weights to sum to 1."""
+
+    def params(self, num_experts: int, hidden: int) -> int:
+        return num_experts * 2 * hidden  # the gate reads [token, context features]
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.top_k
 
 
 class ContextRouter(_FeatureTopK):

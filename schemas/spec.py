@@ -95,6 +95,12 @@ def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
             problems.append((("moe", "routes", i, "pool"), f"no pool named '{route.pool}'{hint}"))
         else:
             problems += _router_fits_pool(route.router, route.pool, pool.num_experts, ("moe", "routes", i, "router"))
+        why = route.router.compares_tokens()
+        if why and route.causal and route.tokens != "image":
+            problems.append((("moe", "routes", i, "router", "type"),
+                             f"{route.router.type} is not causal ({why}): on a route over {route.tokens} tokens a "
+                             "causal language model sees later tokens in training; write causal: false on the "
+                             "route to accept that, or route only image tokens"))
     used = {route.pool for route in moe.routes}
     if used <= moe.pools.keys():  # a misspelt pool name is reported once, above, not twice
         problems += [(("moe", "pools", name), f"pool '{name}' is not used by any route")

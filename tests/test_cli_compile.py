@@ -81,11 +81,25 @@ def test_compile_bad_spec_is_located_and_writes_nothing(tmp_path):
 
 
 def test_compile_error_while_building_is_one_line_and_leaves_no_output(tmp_path):
-    missing = tmp_path / "no-such-checkpoint"
-    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--set", f"language.pretrained={missing}")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"\xff" * 16)  # a header length no file has
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--set", f"language.pretrained={checkpoint}")
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    assert result.stderr.strip() == f"Error: micro-moe-llava: {missing}: not a local checkpoint directory"
+    assert result.stderr.startswith("Error: micro-moe-llava: ") and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_compile_refuses_weights_that_exceed_the_memory_before_allocating(tmp_path, monkeypatch):
+    from moebuild import memory_budget
+
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda device: 1 << 20)
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"))
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "Error: micro-moe-llava needs 0.0 GiB for its weights in float32 but 0.0 GiB of cpu memory is available; "
+        "build it on device='meta' (moebuild compile --device meta) to inspect it without allocating")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -40,8 +40,13 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(language_dir, tmp_path):
     spec = moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={path}", "language.num_layers=3"])
     with pytest.raises(CheckpointError, match=r"unexpected: model\.layers\.3\."):
         build(spec)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(moebuild.SpecError, match="language.pretrained: .*holds no .safetensors files .*never loads"):
+        moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={tmp_path}"])
+    spec = moebuild.load_spec("micro-moe-llava")
+    spec.language.pretrained = str(tmp_path)  # past the loader's check: the builder says the same
     with pytest.raises(CheckpointError, match="no .safetensors files"):
-        build(moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={tmp_path}"]))
+        build(spec)
 
 
 def test_vision_checkpoint_loads(tmp_path):
