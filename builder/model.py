@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 from moebuild.schemas import ModelSpec
 
 from .compat import CACHE_NAME
+from .inputs import InputRules, check_inputs
 from .moe.layer import IMAGE, TEXT
 from .tiling import TiledConnector, tiled_token_count
 
@@ -128,6 +129,20 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
     def num_image_tokens(self) -> int:
         """Placeholder tokens one untiled view takes in `input_ids` (a tiled picture's count comes from the processor)."""
         return self.connector.num_output_tokens(self.vision.num_tokens)
+
+    @cached_property
+    def input_rules(self) -> InputRules:
+        spec = self.spec
+        return InputRules(spec.language.vocab_size, spec.language.hidden_size, self.config.image_token_id,
+                          spec.vision.image_size, self.num_image_tokens)
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, image_grids=None, is_first_iteration=False,
+                                      **kwargs):
+        """Pictures go in with the prompt only (as transformers' LLaVA does): decode steps read the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update(pixel_values=pixel_values, image_grids=image_grids)
+        return inputs
 
     def get_input_embeddings(self):
         return self.language.embed_tokens
@@ -239,11 +254,16 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         `image_grids` are the processor's `tile_grids` for a tiled spec (see `image_embeddings`).
         `past_key_values` is the KV cache under the name transformers < 5.24 pass it by."""
         cache = cache if cache is not None else past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        check_inputs(self.input_rules, input_ids, inputs_embeds, pixel_values, attention_mask, labels, past)
         if inputs_embeds is None:
             inputs_embeds = self.language.embed_tokens(input_ids)
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_grids)
+            if pixel_values is not None:
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_grids)
         if modality is None and input_ids is not None:
-            modality = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
+            # a placeholder id sampled in a decode step is a text token: no picture stands behind it
+            is_image_BS = input_ids == self.config.image_token_id if pixel_values is not None else input_ids < 0
+            modality = torch.where(is_image_BS, IMAGE, TEXT)
         out = self.language(
             inputs_embeds,
             attention_mask_BS=attention_mask,
