@@ -290,6 +290,36 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             router_stats=out.router_stats if output_router_stats else None,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """A model directory moebuild wrote (or one like it), loaded strictly: config.json must be there,
+        weights are read from safetensors only, and every missing, unexpected or mis-shaped tensor is
+        named in one CheckpointError (a ValueError) instead of leaving random weights behind a warning."""
+        from pathlib import Path
+
+        from .pretrained import CheckpointError
+
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a local model directory")
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory}: no config.json (a model directory holds config.json, spec.yaml "
+                                  "and model.safetensors)")
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs["use_safetensors"] = True  # never a pickle
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, with the other misfits
+        model, info = super().from_pretrained(directory, *args, output_loading_info=True, **kwargs)
+        misfits = {
+            "missing": sorted(info.get("missing_keys") or ()),
+            "unexpected": sorted(info.get("unexpected_keys") or ()),
+            "mis-shaped": sorted(f"{k} (checkpoint {tuple(a)}, model {tuple(b)})"
+                                 for k, a, b in info.get("mismatched_keys") or ()),
+        }
+        problems = [f"{label}: {', '.join(keys)}" for label, keys in misfits.items() if keys]
+        if problems:
+            raise CheckpointError(f"{directory / 'model.safetensors'} does not fit its spec; " + "; ".join(problems))
+        return (model, info) if wants_info else model
+
     def write_spec(self, directory) -> None:
         """Write the resolved spec as `spec.yaml`: the model's definition, readable and re-loadable."""
         from pathlib import Path

@@ -1,0 +1,105 @@
+"""Model inputs a user can get wrong: each is a ValueError saying what, never a silent result.
+And checkpoints that do not fit their spec fail to load, naming the file and the tensor."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moebuild.compile import build
+from moebuild.model import MoEVLMForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build("micro-moe-llava").eval()
+
+
+def prompt(model, batch=1, words=3):
+    P, image = model.num_image_tokens, model.config.image_token_id
+    ids = torch.tensor([[1] + [image] * P + [5 + i for i in range(words)]] * batch)
+    side = model.spec.vision.image_size
+    return ids, torch.randn(batch, 3, side, side)
+
+
+def bad(model, message, **inputs):
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    ids, pixels = prompt(model)
+    for value in (512, -3):
+        wrong = ids.clone()
+        wrong[0, -1] = value
+        bad(model, re.escape(f"input_ids[0, {ids.shape[1] - 1}] is {value}, outside the vocabulary (ids 0 to 511)"),
+            input_ids=wrong, pixel_values=pixels)
+
+
+def test_placeholders_and_pictures_must_come_together(model):
+    ids, pixels = prompt(model)
+    bad(model, "input_ids hold 16 image placeholder tokens .id 511. but no pixel_values", input_ids=ids)
+    text_only = ids[:, -3:]
+    bad(model, "pixel_values hold 1 image.s. but input_ids have no image placeholder tokens",
+        input_ids=text_only, pixel_values=pixels)
+
+
+def test_empty_inputs(model):
+    bad(model, "input_ids is empty", input_ids=torch.zeros(1, 0, dtype=torch.long))
+    bad(model, "input_ids is empty", input_ids=torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="give input_ids"):
+        model()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 56, 56), (1, 3, 64, 64), (3, 56, 56), (0, 3, 56, 56)])
+def test_pictures_of_the_wrong_shape(model, shape):
+    ids, _ = prompt(model)
+    bad(model, re.escape(f"pixel_values must be [images, 3, 56, 56]") + ".*" + re.escape(f"got shape {shape}"),
+        input_ids=ids, pixel_values=torch.randn(shape))
+
+
+def test_mask_and_labels_must_match_the_ids(model):
+    ids, pixels = prompt(model, batch=2)
+    with pytest.raises(ValueError, match=re.escape("attention_mask has shape (2, 5), expected (2, 20)")):
+        model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=re.escape("labels have shape (2, 19), expected (2, 20)")):
+        model(input_ids=ids, pixel_values=pixels, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="input_ids must be integer token ids"):
+        model(input_ids=ids.float())
+
+
+def test_valid_inputs_still_run_and_generate(model):
+    ids, pixels = prompt(model, batch=2)
+    out = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), labels=ids)
+    assert torch.isfinite(out.loss)
+    generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, ids.shape[1] + 3)
+
+
+def test_a_checkpoint_without_its_config_or_with_a_renamed_tensor_fails_to_load(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    weights["language.lm_head.renamed"] = weights.pop("language.lm_head.weight")
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit its spec; missing: language\.lm_head\.weight; "
+                                         r"unexpected: language\.lm_head\.renamed"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+def test_a_checkpoint_with_a_mis_shaped_tensor_fails_to_load(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["spec"]["language"]["vocab_size"] = 640
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mis-shaped: language\.(lm_head|model\.embed_tokens)\.weight"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
