@@ -49,9 +49,20 @@ SmallCount = up_to(64)
 """Connector depth and merge factor, tiles and images per prompt."""
 
 
+def example(data: dict) -> ConfigDict:
+    """A class's `model_config` carrying one example of the node: shown by editors through the JSON
+    Schema, and what the tests parametrized over every type build."""
+    return ConfigDict(json_schema_extra={"examples": [data]})
+
+
 class RouterBase(SpecModel):
     """What a router type tells about itself without torch; `summary`, the validator and the
     builder's registry read these, so a new router type is one class here and one module."""
+
+    @classmethod
+    def example(cls) -> dict:
+        """The example the class's `model_config` carries (every router type has one)."""
+        return cls.model_config["json_schema_extra"]["examples"][0]
 
     def params(self, num_experts: int, hidden: int) -> int:
         """Parameters of one layer's router over a pool of `num_experts` (default: one E x hidden weight)."""

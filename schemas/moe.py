@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from .base import Activation, ExpertCount, FFNWidth, RouterBase, SpecModel, TokenSelector, up_to
+from .base import Activation, ExpertCount, FFNWidth, RouterBase, SpecModel, TokenSelector, example, up_to
 from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
 
 MAX_CAPACITY_FACTOR = 64.0
@@ -119,6 +119,8 @@ class CorrectionBias(SpecModel):
 class TopKRouter(RouterBase):
     """Token-choice top-k: softmax (or sigmoid) scores over a pool, each token to its k best experts."""
 
+    model_config = example({"type": "topk", "top_k": 2, "capacity": {"train": 1.0, "eval": 1.0, "drop": "by_score"}})
+
     type: Literal["topk"]
     """Selects this kind: topk."""
     top_k: ExpertCount
@@ -162,6 +164,8 @@ class TopKRouter(RouterBase):
 class DeepSpeedTop2Router(RouterBase):
     """MoE-LLaVA's gate (DeepSpeed top2gating): softmax; top-1 argmax; second = argmax(logits + Gumbel) without the first, in training and evaluation; capacity max(ceil(2*T*cf/E), min) filled first choices first, in token order; kept gates renormalised."""
 
+    model_config = example({"type": "deepspeed_top2", "capacity": {"train": 1.0, "eval": 1.0, "min": 0}})
+
     type: Literal["deepspeed_top2"]
     """Selects this kind: deepspeed_top2."""
     capacity: CapacitySpec | None = None
@@ -187,6 +191,8 @@ class DeepSpeedTop2Router(RouterBase):
 class ExpertChoiceRouter(RouterBase):
     """Expert choice (Zhou et al. 2022): each expert takes the capacity_factor * n / E tokens of the call it scores highest. Not causal: a token's routing depends on later tokens."""
 
+    model_config = example({"type": "expert_choice", "capacity_factor": 2.0})
+
     type: Literal["expert_choice"]
     """Selects this kind: expert_choice."""
     capacity_factor: PositiveFloat = Field(default=2.0, le=MAX_CAPACITY_FACTOR)
@@ -203,6 +209,8 @@ class ExpertChoiceRouter(RouterBase):
 
 class SoftRouter(RouterBase):
     """Soft MoE (Puigcerver et al. 2024): expert slots take softmax-weighted mixes of one sequence's tokens in the call; tokens take mixes of slot outputs. Not causal."""
+
+    model_config = example({"type": "soft", "slots_per_expert": 2})
 
     type: Literal["soft"]
     """Selects this kind: soft."""
@@ -224,6 +232,8 @@ class SoftRouter(RouterBase):
 class ThresholdRouter(RouterBase):
     """Top-p routing: each token takes its smallest set of best experts whose softmax mass reaches threshold, at most max_experts."""
 
+    model_config = example({"type": "threshold", "threshold": 0.6, "max_experts": 3})
+
     type: Literal["threshold"]
     """Selects this kind: threshold."""
     threshold: float = Field(gt=0.0, le=1.0)
@@ -243,6 +253,8 @@ class ThresholdRouter(RouterBase):
 
 class DynamicTopKRouter(RouterBase):
     """LTDR (Cai et al. 2025): tokens whose routing-probability variance exceeds the mean over the route's tokens in the batch take tail_top_k experts, the others top_k; at inference too."""
+
+    model_config = example({"type": "dynamic_topk", "top_k": 2, "tail_top_k": 4, "normalize": True})
 
     type: Literal["dynamic_topk"]
     """Selects this kind: dynamic_topk."""
@@ -272,6 +284,8 @@ class DynamicTopKRouter(RouterBase):
 
 class DenseRouter(RouterBase):
     """Every token to every expert of the pool (shared experts), with weight 1 or a sigmoid gate."""
+
+    model_config = example({"type": "dense", "gate": "sigmoid"})
 
     type: Literal["dense"]
     """Selects this kind: dense."""

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import ExpertCount, RouterBase, up_to
+from .base import ExpertCount, RouterBase, example, up_to
 
 ExpertGroups = dict[str, ExpertCount]
 """Named groups of consecutive experts of the route's pool, in order, sizes summing to its num_experts."""
@@ -45,6 +45,8 @@ class _Grouped(RouterBase):
 class HierarchicalRouter(_Grouped):
     """Two-level routing: a gate over groups picks `top_groups`, then top-k experts inside each."""
 
+    model_config = example({"type": "hierarchical", "groups": {"image": 2, "text": 2}, "top_groups": 1, "top_k": 2})
+
     type: Literal["hierarchical"]
     """Selects this kind: hierarchical."""
     top_groups: ExpertCount = 1
@@ -65,6 +67,8 @@ class HierarchicalRouter(_Grouped):
 
 class ModalityMixRouter(_Grouped):
     """Soft modality mixing: every group, weighted by a learned softmax over groups per token modality."""
+
+    model_config = example({"type": "modality_mix", "groups": {"image": 2, "text": 2}, "top_k": 1})
 
     type: Literal["modality_mix"]
     """Selects this kind: modality_mix."""
@@ -94,6 +98,8 @@ class _FeatureTopK(RouterBase):
 class ContextRouter(_FeatureTopK):
     """Top-k over the token and its neighbours' mean: image patches on their grid, text as a causal chain."""
 
+    model_config = example({"type": "context", "top_k": 2, "hops": 2})
+
     type: Literal["context"]
     """Selects this kind: context."""
     hops: up_to(16) = 1
@@ -102,6 +108,8 @@ class ContextRouter(_FeatureTopK):
 
 class QueryRouter(_FeatureTopK):
     """Top-k over the token and the mean of the text tokens before it in its sequence (the prompt)."""
+
+    model_config = example({"type": "query", "top_k": 2})
 
     type: Literal["query"]
     """Selects this kind: query."""

@@ -4,8 +4,9 @@
 Softmax gates over E experts; the first expert is the argmax of the gates; the second is the
 argmax of the logits plus Gumbel noise with the first excluded -- on every call, evaluation
 included (only the capacity factor switches between training and evaluation). Capacity
-max(ceil(2 * T * cf / E), min_capacity) over every token the route sees; slots are filled by
-token position, all first choices before any second choice; overflow is dropped. The kept gates
+max(ceil(2 * T * cf / E), min_capacity) over the route's real tokens (DeepSpeed counts padding
+too; here padding never takes a slot); slots are filled by token position, all first choices
+before any second choice; overflow is dropped. The kept gates
 are renormalised, g1 / (g1 + g2) over the kept choices (a lone kept choice gets 1.0, both dropped
 -> 0 and the token keeps its residual). DeepSpeed's aux loss, E * sum_e(m_e * c_e) over the top-1
 choice before dropping, is the `switch_aux` balancing term (which, unlike DeepSpeed, skips padding).
@@ -16,7 +17,7 @@ Legend: T tokens, D hidden, E experts, K = 2 slots per token.
 import torch
 from torch import Tensor
 
-from moebuild.moe.routing import Capacity, LinearRouter, RouteTokens, Routing, capacity_keep, gumbel_like
+from moebuild.moe.routing import Capacity, LinearRouter, RouteTokens, Routing, gumbel_like
 
 
 class DeepSpeedTop2Router(LinearRouter):
@@ -55,10 +56,8 @@ class DeepSpeedTop2Router(LinearRouter):
         weights_TK = gates_TE.gather(1, topk_ids_TK)
         ids_TK, capacity = topk_ids_TK, None
         if self.capacity is not None:
-            capacity = self.capacity.slots(x_TD.shape[0], 2, self.num_experts, self.training)
-        if capacity is not None:
-            keep_TK = capacity_keep(topk_ids_TK, None, self.num_experts, capacity)
-            ids_TK, weights_TK = topk_ids_TK.masked_fill(~keep_TK, -1), weights_TK * keep_TK
+            ids_TK, weights_TK, capacity = self.capacity.apply(topk_ids_TK, weights_TK, self.num_experts, 2, tokens,
+                                                               self.training)
         eps = torch.finfo(weights_TK.dtype).eps  # DeepSpeed's clamp: both dropped -> 0 / eps = 0
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(eps)
         return Routing(weights_TK, ids_TK, topk_ids_TK, logits_TE, gates_TE, capacity)

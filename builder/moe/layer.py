@@ -3,9 +3,10 @@ regime, composed as torchtune's `MoE(experts=, router=, shared_expert=)` receive
 
 Every route selects tokens by modality, routes them and adds its pool's weighted output; a token
 matched by several routes gets the sum, which is how DeepSeek-MoE's shared experts (a dense
-route) compose with routed ones. All tokens, padding included, go through the experts; the
-attention mask only removes padding from balancing terms, router statistics and the choices of
-routers that compare tokens (expert_choice, soft, dynamic_topk), which get a `RouteTokens`. The
+route) compose with routed ones. Padding goes through the experts of dropless routes; the
+attention mask removes it from balancing terms, router statistics, expert capacity (sized and
+filled by real tokens only) and the choices of routers that compare tokens (expert_choice, soft,
+dynamic_topk), all of which read the route's `RouteTokens`. The
 layer returns only the MoE output: the caller adds it to the residual stream, which is also the
 path a token dropped by capacity keeps.
 

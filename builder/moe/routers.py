@@ -146,9 +146,8 @@ class TopKRouter(LinearRouter):
         weights_TK = self.gate_weights(logits_TE, probs_TE, topk_ids_TK)
         ids_TK, capacity = topk_ids_TK, None
         if self.capacity is not None:
-            capacity = self.capacity.slots(x_TD.shape[0], k, self.num_experts, self.training)
-            keep_TK = self.capacity.keep(topk_ids_TK, weights_TK, self.num_experts, capacity)
-            ids_TK, weights_TK = topk_ids_TK.masked_fill(~keep_TK, -1), weights_TK.masked_fill(~keep_TK, 0.0)
+            ids_TK, weights_TK, capacity = self.capacity.apply(topk_ids_TK, weights_TK, self.num_experts, k,
+                                                               tokens, self.training)
         return Routing(weights_TK, ids_TK, topk_ids_TK, logits_TE, probs_TE, capacity)
 
     @torch.no_grad()

@@ -92,11 +92,19 @@ class Capacity:
             return None
         return max(math.ceil(num_tokens * top_k * factor / num_experts), self.min)
 
-    def keep(self, ids_TK: Tensor, scores_TK: Tensor, num_experts: int, capacity: int | None) -> Tensor:
-        """Which selected slots fit under `capacity` (all selected slots when dropless)."""
+    def apply(self, ids_TK: Tensor, weights_TK: Tensor, num_experts: int, top_k: int, tokens: "RouteTokens | None",
+              training: bool) -> tuple[Tensor, Tensor, int | None]:
+        """(ids, weights, capacity) with the slots over capacity dropped (id -1, weight 0).
+
+        Capacity is sized from the real tokens and filled by them only: a padding token's slots are
+        dropped first, so padding never takes a slot from a real token (DeepSpeed counts padding)."""
+        valid_T = tokens.valid_T if tokens is not None else torch.ones_like(ids_TK[:, 0], dtype=torch.bool)
+        capacity = self.slots(int(valid_T.sum()), top_k, num_experts, training)
         if capacity is None:
-            return ids_TK >= 0
-        return capacity_keep(ids_TK, scores_TK, num_experts, capacity, self.policy)
+            return ids_TK, weights_TK, None
+        keep_TK = capacity_keep(ids_TK.masked_fill(~valid_T[:, None], -1), weights_TK, num_experts, capacity,
+                                self.policy)
+        return ids_TK.masked_fill(~keep_TK, -1), weights_TK.masked_fill(~keep_TK, 0.0), capacity
 
 
 def capacity_keep(ids_TK: Tensor, scores_TK: Tensor | None, num_experts: int, capacity: int, policy: str = "by_position") -> Tensor:
