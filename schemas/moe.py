@@ -82,13 +82,15 @@ def _capacity_compares(capacity: CapacitySpec | None, top_k: int) -> str | None:
 
 
 class GroupSpec(SpecModel):
-    """Group-limited selection (DeepSeek-V3 n_group / topk_group): experts split into equal groups, a
-    group scores the sum of its two best expert scores, only the best top_groups groups are selectable."""
+    """Group-limited selection (DeepSeek n_group / topk_group): experts split into equal groups, only
+    the best top_groups groups per token are selectable (the others' scores become 0.0, as in DeepSeek's code)."""
 
     num_groups: ExpertCount
     """Number of expert groups (must divide the pool's num_experts)."""
     top_groups: ExpertCount
     """Groups kept per token."""
+    rank_by: Literal["top2_sum", "max"] = "top2_sum"
+    """How a group is ranked: top2_sum = the sum of its two best (biased) expert scores (DeepSeek-V3 noaux_tc); max = its best expert score (DeepSeek-V2 group_limited_greedy)."""
 
     @model_validator(mode="after")
     def _top_groups_fit(self):

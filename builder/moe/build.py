@@ -72,6 +72,7 @@ def build_topk_router(node: TopKRouter, *, hidden_size: int, num_experts: int) -
         capacity=build_capacity(node.capacity),
         num_groups=groups.num_groups if groups else 1,
         top_groups=groups.top_groups if groups else 1,
+        group_rank=groups.rank_by if groups else "top2_sum",
         correction_bias=bool(node.bias),
         expert_dropout=node.expert_dropout,
         curriculum=(curriculum.start_k, curriculum.steps_per_k) if curriculum else None,

@@ -9,8 +9,9 @@ DeepSeek-V3 options (transformers `DeepseekV3TopkRouter` / `DeepseekV3MoE.route_
 - a correction bias (`e_score_correction_bias`, a buffer) added to the scores for selection only;
   weights always come from the unbiased scores (transformers #41647). Aux-loss-free balancing
   (Wang et al. 2024) updates it after each optimiser step through `update_balancing`.
-- group-limited selection: experts split into num_groups groups, a group scores the sum of its
-  two best (biased) expert scores, only the top_groups groups stay selectable.
+- group-limited selection: experts split into num_groups groups, a group ranked by the sum of its
+  two best (biased) expert scores (V3 noaux_tc) or by its best (V2 group_limited_greedy); the
+  other groups' scores become 0.0 (not -inf), as in DeepSeek's code.
 - noise on the selection in training (Gaussian or Gumbel on the logits, multiplicative jitter on
   the input as in Switch), expert dropout (each token-expert pair unselectable with probability p
   in training), and a top-k curriculum: k = min(top_k, start_k + step // steps_per_k), the step
@@ -34,14 +35,22 @@ DEFAULT_NOISE_STD = {"gaussian": 1.0, "jitter": 0.01}
 ORDERS = ("softmax_topk", "topk_softmax")
 
 
-def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int) -> Tensor:
-    """Scores outside each token's top_groups groups set to -inf (DeepSeek-V3 group score: top-2 sum)."""
+GROUP_RANKS = {  # how a group of experts is ranked, from its experts' (biased) selection scores
+    "top2_sum": lambda scores_TGN: scores_TGN.topk(min(2, scores_TGN.shape[-1]), dim=-1).values.sum(dim=-1),
+    "max": lambda scores_TGN: scores_TGN.amax(dim=-1),
+}
+
+
+def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int, rank_by: str = "top2_sum") -> Tensor:
+    """Scores outside each token's top_groups groups set to 0.0, as DeepSeek's code does (V3 noaux_tc:
+    `masked_fill(~score_mask, 0.0)`; V2 group_limited_greedy the same). Not -inf: where biased scores
+    are negative, an expert of a dropped group can win, and moebuild reproduces that."""
     T, E = selection_TE.shape
-    grouped_TGE = selection_TE.view(T, num_groups, E // num_groups)
-    group_scores_TG = grouped_TGE.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    grouped_TGN = selection_TE.view(T, num_groups, E // num_groups)
+    group_scores_TG = GROUP_RANKS[rank_by](grouped_TGN)
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
     keep_TG.scatter_(1, group_scores_TG.topk(top_groups, dim=-1).indices, True)
-    return grouped_TGE.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+    return grouped_TGN.masked_fill(~keep_TG[..., None], 0.0).view(T, E)
 
 
 class TopKRouter(LinearRouter):
@@ -61,6 +70,7 @@ class TopKRouter(LinearRouter):
         capacity: Capacity | None = None,
         num_groups: int = 1,
         top_groups: int = 1,
+        group_rank: str = "top2_sum",
         correction_bias: bool = False,
         expert_dropout: float = 0.0,
         curriculum: tuple[int, int] | None = None,
@@ -87,7 +97,8 @@ class TopKRouter(LinearRouter):
         self.noise = noise
         self.noise_std = noise_std if noise_std is not None else DEFAULT_NOISE_STD.get(noise)
         self.capacity = capacity
-        self.num_groups, self.top_groups = num_groups, top_groups
+        check_choice("group rank", group_rank, GROUP_RANKS)
+        self.num_groups, self.top_groups, self.group_rank = num_groups, top_groups, group_rank
         self.expert_dropout = expert_dropout
         self.curriculum = curriculum
         if correction_bias:  # a buffer: not trained by the optimiser, not counted as a parameter
@@ -116,7 +127,7 @@ class TopKRouter(LinearRouter):
         if self.has_correction_bias:
             selection_TE = selection_TE + self.e_score_correction_bias
         if self.num_groups > 1:
-            selection_TE = group_limited(selection_TE, self.num_groups, self.top_groups)
+            selection_TE = group_limited(selection_TE, self.num_groups, self.top_groups, self.group_rank)
         if self.training and self.expert_dropout > 0:
             drop_TE = torch.rand_like(selection_TE) < self.expert_dropout
             selection_TE = selection_TE.masked_fill(drop_TE, float("-inf"))
