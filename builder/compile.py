@@ -34,7 +34,7 @@ from .connectors import MLPConnector as MLP
 from .language import LanguageModel, make_hf_config
 from .moe.build import DTYPES, MOE_BUILDERS, build_moe
 from .moe.experts import ExpertPool
-from .moe.routing import LinearRouter
+from .moe.routing import Router, init_router
 from .tiling import TiledConnector
 from .vision import VisionTower, build_vision_tower
 
@@ -156,8 +156,8 @@ def init_custom_weights(module: nn.Module, std: float) -> bool:
                 # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
                 init.copy_(param, param[:1].expand_as(param).clone())
         return True
-    if isinstance(module, LinearRouter):
-        init.normal_(module.weight, std=std)
+    if isinstance(module, Router):
+        init_router(module, init.normal_, init.zeros_)
         return True
     return False
 

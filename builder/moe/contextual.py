@@ -29,11 +29,11 @@ from torch.nn import functional as F
 from torch_geometric.nn import SimpleConv
 
 from .context import RoutingContext
-from .routers import Routing, TopKRouter
+from .routers import TopKRouter
+from .routing import Router, Routing
 
 
-class _FeatureTopKRouter(nn.Module):
-    balanced = True
+class _FeatureTopKRouter(Router):
     needs_context = True
 
     def __init__(self, gate: TopKRouter):

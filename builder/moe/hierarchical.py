@@ -24,12 +24,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .context import RoutingContext
-from .routers import Routing
+from .routing import Router, Routing
 
 
-class _TwoLevelRouter(nn.Module):
-    balanced = True
-
+class _TwoLevelRouter(Router):
     def __init__(self, hidden_size: int, group_sizes: list[int], top_k: int, normalize: bool = False,
                  init_std: float = 0.02, device=None, dtype=None):
         super().__init__()
@@ -71,10 +69,6 @@ class HierarchicalRouter(_TwoLevelRouter):
         self.group_weight = nn.Parameter(torch.empty(len(group_sizes), hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
-        nn.init.normal_(self.group_weight, std=self.init_std)
-
     def forward(self, x_TD: Tensor, tokens=None) -> Routing:
         """`tokens` (the layer's RouteTokens) is unused: each token is routed on its own."""
         group_probs_TG = F.linear(x_TD.float(), self.group_weight.float()).softmax(dim=-1)
@@ -87,16 +81,13 @@ class HierarchicalRouter(_TwoLevelRouter):
 
 class ModalityMixRouter(_TwoLevelRouter):
     needs_context = True  # the token's modality
+    zero_init = ("modality_logits",)  # every group equally weighted until trained
 
     def __init__(self, hidden_size: int, group_sizes: list[int], top_k: int, normalize: bool = False,
                  num_modalities: int = 2, init_std: float = 0.02, device=None, dtype=None):
         super().__init__(hidden_size, group_sizes, top_k, normalize, init_std, device, dtype)
         self.modality_logits = nn.Parameter(torch.empty(num_modalities, len(group_sizes), device=device, dtype=dtype))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
-        nn.init.zeros_(self.modality_logits)  # every group equally weighted until trained
 
     def forward(self, x_TD: Tensor, context: RoutingContext, index_T: Tensor) -> Routing:
         group_probs_TG = self.modality_logits.float().softmax(dim=-1)[context.modality_T[index_T]]

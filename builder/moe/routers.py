@@ -27,7 +27,7 @@ Legend: T tokens, D hidden, E experts, G groups, K slots per token.
 import torch
 from torch import Tensor, nn
 
-from moebuild.moe.routing import SCORES, Capacity, LinearRouter, RouteTokens, Routing, check_choice, gumbel_like, router_logits
+from moebuild.moe.routing import SCORES, Capacity, LinearRouter, Router, RouteTokens, Routing, check_choice, gumbel_like, router_logits
 
 __all__ = ["DenseRouter", "RouteTokens", "Routing", "TopKRouter"]
 
@@ -54,7 +54,8 @@ def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int, rank_b
 
 
 class TopKRouter(LinearRouter):
-    balanced = True
+    zero_init = ("e_score_correction_bias", "pending_load_E", "step")
+    fp32_buffers = ("e_score_correction_bias", "pending_load_E")
 
     def __init__(
         self,
@@ -101,11 +102,13 @@ class TopKRouter(LinearRouter):
         self.num_groups, self.top_groups, self.group_rank = num_groups, top_groups, group_rank
         self.expert_dropout = expert_dropout
         self.curriculum = curriculum
-        if correction_bias:  # a buffer: not trained by the optimiser, not counted as a parameter
-            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
+        if correction_bias:  # buffers: not trained by the optimiser, not counted as parameters
+            fp32 = {"device": device, "dtype": torch.float32}
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, **fp32))
+            # selections counted in training forwards since the last update_balancing
+            self.register_buffer("pending_load_E", torch.zeros(num_experts, **fp32), persistent=False)
         if curriculum is not None:
             self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
-        self.pending_load_E: Tensor | None = None  # counted in training forwards, consumed by update_balancing
 
     @property
     def has_correction_bias(self) -> bool:
@@ -164,16 +167,17 @@ class TopKRouter(LinearRouter):
     @torch.no_grad()
     def count_load(self, ids_TK: Tensor) -> None:
         """Add a training forward's selections to the load the next bias update reads."""
-        load_E = torch.bincount(ids_TK[ids_TK >= 0], minlength=self.num_experts)
-        self.pending_load_E = load_E if self.pending_load_E is None else self.pending_load_E + load_E
+        ids_N = ids_TK[ids_TK >= 0]
+        self.pending_load_E.index_add_(0, ids_N, torch.ones_like(ids_N, dtype=torch.float32))
 
     @torch.no_grad()
     def update_balancing(self, bias_rate: float = 0.0) -> None:
-        """After an optimiser step: b_e += rate * sign(mean load - load_e); advance the curriculum."""
-        if self.has_correction_bias and bias_rate and self.pending_load_E is not None:
-            load_E = self.pending_load_E.float()
+        """After an optimiser step: b_e += rate * sign(mean load - load_e) (no load counted: no move);
+        advance the curriculum."""
+        if self.has_correction_bias:
+            load_E = self.pending_load_E
             self.e_score_correction_bias += bias_rate * torch.sign(load_E.mean() - load_E)
-        self.pending_load_E = None
+            load_E.zero_()
         if self.curriculum is not None:
             self.step += 1
 
@@ -186,7 +190,7 @@ class TopKRouter(LinearRouter):
         )
 
 
-class DenseRouter(nn.Module):
+class DenseRouter(Router):
     balanced = False
 
     def __init__(
@@ -206,9 +210,6 @@ class DenseRouter(nn.Module):
                 raise ValueError("a sigmoid gate needs hidden_size")
             self.weight = nn.Parameter(torch.empty(1, hidden_size, device=device, dtype=dtype))
             self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, x_TD: Tensor, tokens: RouteTokens | None = None) -> Routing:
         T, E = x_TD.shape[0], self.num_experts

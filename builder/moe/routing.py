@@ -13,6 +13,7 @@ Legend: T tokens, D hidden, E experts, K slots per token, A = T*K assignments.
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +125,45 @@ def capacity_keep(ids_TK: Tensor, scores_TK: Tensor | None, num_experts: int, ca
     return ((rank_A < capacity) & (ids_A < num_experts)).view(K, T).t()
 
 
-class LinearRouter(nn.Module):
+class Router(nn.Module):
+    """Base of every router module, with the facts the layer reads stated on the class.
+
+    `balanced`: balancing terms (aux losses) apply to its routing. `zero_init`: parameters and
+    buffers that start at zero (everything else ~ Normal(0, init_std)). `fp32_buffers`: balancing
+    state kept in fp32 whatever the model's dtype -- a bf16 correction bias stalls (0.5 + 0.001
+    rounds back to 0.5) -- and moved, not cast, by `.to()`.
+    """
+
+    balanced: ClassVar[bool] = True
+    zero_init: ClassVar[tuple[str, ...]] = ()
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    init_std: float = 0.02
+
+    def reset_parameters(self) -> None:
+        init_router(self, nn.init.normal_, nn.init.zeros_)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = (torch.empty_like(before, device=after.device) if before.is_meta
+                                       else before.to(after.device))
+        return self
+
+
+def init_router(router: Router, normal_, zeros_) -> None:
+    """Initialise a router's own tensors with the given init functions (torch's, or transformers',
+    which skip tensors a checkpoint has loaded)."""
+    for name, tensor in (*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)):
+        if name in router.zero_init:
+            zeros_(tensor)
+        elif isinstance(tensor, nn.Parameter):
+            normal_(tensor, std=router.init_std)
+
+
+class LinearRouter(Router):
     """A router scored by a bias-free linear map `weight` [rows, D] (Mixtral's layout), rows = E
     for token-choice routers; logits in `router_dtype`, returned in fp32."""
 
@@ -141,9 +180,6 @@ class LinearRouter(nn.Module):
         self.router_dtype, self.init_std = router_dtype, init_std
         self.weight = nn.Parameter(torch.empty(rows, hidden_size, device=device, dtype=dtype))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         return router_logits(x_TD, self.weight, self.router_dtype)
