@@ -18,6 +18,7 @@ from moebuild.errors import Diagnostic, SpecPath, format_path
 from moebuild.spec_tree import Node, from_plain, to_plain, walk
 
 _REFERENCE = re.compile(r"\$\{([^${}]*)\}")
+_RESOLVER = re.compile(r"\$\{\s*([\w.-]+)\s*:")
 _SEGMENT = r"(?:[A-Za-z_][\w-]*(?:\[\d+\])*|\d+)"
 _PLAIN = re.compile(rf"\s*({_SEGMENT}(?:\.{_SEGMENT})*)\s*")
 MAX_RESOLVED = 100_000
@@ -60,9 +61,10 @@ def _syntax_problem(text: str) -> str | None:
     example = "write a reference to a key such as ${language.hidden_size}"
     if "\\${" in text:
         return "escaped interpolations (\\${) are not supported"
+    resolver = _RESOLVER.search(text)
+    if resolver:
+        return f"resolvers are not allowed (${{{resolver.group(1)}:...}}); {example}"
     for body in _REFERENCE.findall(text):
-        if ":" in body:
-            return f"resolvers are not allowed (${{{body}}}); {example}"
         if not _PLAIN.fullmatch(body):
             return f"'${{{body}}}' is not a reference to a key; {example}"
     if "${" in _REFERENCE.sub("", text):
