@@ -1,7 +1,8 @@
 """moebuild: declarative Mixture-of-Experts vision-language models.
 
 `import moebuild` is cheap (no torch, no transformers): the spec API loads at once, the
-model API on first use. transformers' Auto classes learn the `moebuild` model type when the model
+model API on first use. It warns once (UntestedVersionWarning) when an installed dependency is
+outside the range pyproject.toml declares as tested. transformers' Auto classes learn the `moebuild` model type when the model
 module first loads (any of `build`, `build_module`, `MoEVLMForConditionalGeneration`...).
 """
 
@@ -10,6 +11,7 @@ from importlib import import_module
 from .errors import SpecError
 from .loading import load_spec
 from .presets import list_presets
+from .versions import UntestedVersionWarning, warn_if_untested
 
 _LAZY = {
     "build": "compile",
@@ -22,7 +24,9 @@ _LAZY = {
     "MoELayerOutput": "moe.layer",
 }
 
-__all__ = ["SpecError", "list_presets", "load_spec", *_LAZY]
+__all__ = ["SpecError", "UntestedVersionWarning", "list_presets", "load_spec", *_LAZY]
+
+warn_if_untested()
 
 
 def __getattr__(name: str):

@@ -129,6 +129,10 @@ class _YamlReader:
         self.yaml = YAML()
 
     def read(self, text: str, at: Pos) -> Node:
+        deep = _deep_flow(text)
+        if deep is not None:
+            pos = self._pos(_Mark(*deep))
+            raise SpecError([pos.error((), f"nested too deeply (a spec nests at most {MAX_DEPTH} levels)")])
         try:
             graph = self.yaml.compose(text)
         except RecursionError:
@@ -231,6 +235,36 @@ class _YamlReader:
             for key, child in self._mapping(source, path, inside | {id(source)}).items():
                 children.setdefault(key, child)
         return children
+
+
+@dataclass(frozen=True)
+class _Mark:
+    line: int  # 0-based, as ruamel's marks
+    column: int
+
+
+def _deep_flow(text: str) -> tuple[int, int] | None:
+    """(line, column), 0-based, where flow collections ([...], {...}) open past MAX_DEPTH levels.
+
+    Read without parsing: ruamel's composer recurses once per level and takes seconds to give up
+    on a few thousand. Quoted strings and comments are skipped; what this misses still ends in
+    the RecursionError that `read` reports."""
+    depth, quote = 0, None
+    for line_no, line in enumerate(text.splitlines()):
+        for col, char in enumerate(line):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "#" and (col == 0 or line[col - 1] in " \t"):
+                break
+            elif char in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return line_no, col
+            elif char in "]}":
+                depth = max(depth - 1, 0)
+    return None
 
 
 def _tag_name(node) -> str:

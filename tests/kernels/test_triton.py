@@ -19,6 +19,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # the interpreter: ~6 s even at these shapes; .ci/run runs it
 
 FP32_CASES = ["basic", "empty_experts", "all_on_one_expert", "e1", "one_token", "no_tokens",
               "dropped_slots", "all_dropped", "gated_bias", "fc_gelu_bias", "fc_relu"]
