@@ -257,3 +257,36 @@ def test_change_a_key_left_to_its_default():
     assert data["moe"]["dispatch"] == {"backend": "torch"}
     assert data["moe"]["routes"][0]["router"]["eval_noise"] is False
     assert load_spec("micro-moe-llava", ["moe.dispatch.backend=torch"]).moe.dispatch.backend == "torch"
+
+
+def test_merge_keys_merge_with_written_keys_winning_and_keep_their_place(tmp_path):
+    spec = write(tmp_path / "s.yaml", """\
+        base: micro-moe-llava
+        moe:
+          pools:
+            experts: &pool {num_experts: 4, intermediate_size: 256, activation: silu, init: upcycle}
+          routes:
+            - tokens: all
+              pool: experts
+              causal: false
+              router: {type: deepspeed_top2, capacity: &cap {train: 1.5, eval: 2.0, min: 0}}
+        tokens:
+          <<: [{pad: 3, bos: 4}, {pad: 5, eos: 6}]
+          bos: 7
+    """)
+    loaded = load_spec(spec)
+    assert (loaded.tokens.pad, loaded.tokens.bos, loaded.tokens.eos) == (3, 7, 6)
+    bad = write(tmp_path / "bad.yaml", """\
+        base: micro-moe-llava
+        shared: &s {pad: -1}
+        tokens:
+          <<: *s
+    """)
+    lines = errors(bad)
+    assert f"{bad}:2:1: error: unknown key 'shared'" in lines
+    assert f"{bad}:2:18: error: tokens.pad: must be >= 0, got -1" in lines  # where the anchor wrote it
+
+
+def test_duplicate_keys_are_named_with_the_first_place(tmp_path):
+    spec = write(tmp_path / "s.yaml", "base: micro-moe-llava\nname: a\nname: b\n")
+    assert errors(spec) == [f"{spec}:3:1: error: name: duplicate key 'name' (first at line 2)"]
