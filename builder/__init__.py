@@ -8,20 +8,20 @@ module first loads (any of `build`, `build_module`, `MoEVLMForConditionalGenerat
 
 from importlib import import_module
 
-from .errors import SpecError
-from .loading import load_spec
-from .presets import list_presets
-from .versions import UntestedVersionWarning, warn_if_untested
+from moebuild.spec.errors import SpecError
+from moebuild.spec.loading import load_spec
+from moebuild.spec.presets import list_presets
+from moebuild.versions import UntestedVersionWarning, warn_if_untested
 
 _LAZY = {
-    "build": "compile",
-    "build_module": "compile",
-    "build_processor": "compile",
-    "summarize": "summary",
-    "MoEVLMConfig": "model",
-    "MoEVLMForConditionalGeneration": "model",
-    "MoEVLMOutput": "model",
-    "MoELayerOutput": "moe.layer",
+    "build": "moebuild.model.vlm",
+    "build_module": "moebuild.registry",
+    "build_processor": "moebuild.registry",
+    "summarize": "moebuild.accounting",
+    "MoEVLMConfig": "moebuild.model.vlm",
+    "MoEVLMForConditionalGeneration": "moebuild.model.vlm",
+    "MoEVLMOutput": "moebuild.model.vlm",
+    "MoELayerOutput": "moebuild.moe.layer",
 }
 
 __all__ = ["SpecError", "UntestedVersionWarning", "list_presets", "load_spec", *_LAZY]
@@ -31,5 +31,5 @@ warn_if_untested()
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'moebuild' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from moebuild.errors import SpecError
+from moebuild.spec.errors import SpecError
 
 _SET_HELP = ("Override a key, Hydra style; repeatable: a.b=1 (change), +a.b=1 (add), "
              "++a.b=1 (set either way), ~a.b (delete). Values are YAML: moe.layers=[0,2].")
@@ -70,7 +70,7 @@ def ls_cmd():
     Example:
       moebuild ls
     """
-    from moebuild.presets import list_presets, preset_family
+    from moebuild.spec.presets import list_presets, preset_family
 
     names = list_presets()
     width = max((len(n) for n in names), default=0)
@@ -80,11 +80,11 @@ def ls_cmd():
 
 
 def _param_columns(name: str) -> list[str]:
-    """Total and active parameter counts from moebuild.summary, when that module is present."""
-    if importlib.util.find_spec("moebuild.summary") is None:
+    """Total and active parameter counts from moebuild.accounting, when that module is present."""
+    if importlib.util.find_spec("moebuild.accounting") is None:
         return []
-    from moebuild.loading import load_spec
-    from moebuild.summary import summarize
+    from moebuild.accounting import summarize
+    from moebuild.spec.loading import load_spec
 
     report = summarize(load_spec(name))
     return [f"{_human(report.total_params):>7} total", f"{_human(report.active_params):>7} active"]
@@ -113,7 +113,7 @@ def show(spec: str, overrides: tuple[str, ...], raw: bool):
       moebuild show my_model.yaml --set moe.routes.0.router.top_k=1 > resolved.yaml
       moebuild show broken.yaml --raw
     """
-    from moebuild.loading import dump_yaml, load_spec, resolve_spec
+    from moebuild.spec.loading import dump_yaml, load_spec, resolve_spec
 
     data = resolve_spec(spec, overrides) if raw else load_spec(spec, overrides).model_dump(mode="json")
     click.echo(dump_yaml(data), nl=False)
@@ -134,7 +134,7 @@ def validate(specs: tuple[str, ...], overrides: tuple[str, ...]):
       moebuild validate zoo/*/*.yaml
       moebuild validate micro-ltdr --set moe.routes.1.router.top_k=4
     """
-    from moebuild.loading import load_spec
+    from moebuild.spec.loading import load_spec
 
     failed = False
     for spec in specs:
@@ -193,8 +193,8 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
       moebuild summary micro-deepseek-vl2
       moebuild summary my_model.yaml --json | jq .active_params
     """
-    from moebuild.loading import load_spec
-    from moebuild.summary import format_table, summarize
+    from moebuild.accounting import format_table, summarize
+    from moebuild.spec.loading import load_spec
 
     report = summarize(load_spec(spec, overrides), context=context)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_table(report))
@@ -225,11 +225,10 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
       moebuild compile my_model.yaml -o out/m --set moe.pools.experts.num_experts=8 --dtype bfloat16
       moebuild compile deepseek-vl2-tiny -o out/tiny --device meta
     """
-    from moebuild.loading import load_spec
-    from moebuild.summary import format_table, summarize
-
-    from moebuild.errors import BuildError
+    from moebuild.accounting import format_table, summarize
     from moebuild.output import OutputError, check_output
+    from moebuild.spec.errors import BuildError
+    from moebuild.spec.loading import load_spec
 
     parsed = load_spec(spec, overrides)
     try:
@@ -238,7 +237,7 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
         raise click.ClickException(str(exc)) from None
     from transformers.utils import logging as hf_logging
 
-    from moebuild.compile import build_and_save
+    from moebuild.model.vlm import build_and_save
 
     hf_logging.disable_progress_bar()  # the summary table is the output; no shard-writing bars
     try:
@@ -269,7 +268,7 @@ def graph(spec: str, output: Path, overrides: tuple[str, ...]):
       moebuild graph my_model.yaml -o routing.dot && dot -Tpdf routing.dot -o routing.pdf
     """
     from moebuild.graph import FORMATS, write_graph
-    from moebuild.loading import load_spec
+    from moebuild.spec.loading import load_spec
 
     if output.suffix.lower() not in FORMATS:
         raise click.ClickException(f"cannot draw to {output}: the extension must be one of {', '.join(FORMATS)}")

@@ -1,24 +1,65 @@
-"""Pydantic v2 models of the moebuild spec language (no torch import here)."""
+"""Pydantic v2 models of the moebuild spec language (no torch import here).
 
-from .base import CrossFieldError, SpecModel
-from .connector import ConnectorSpec, DownsampleMLPConnector, LinearConnector, MLPConnector
-from .language import LanguageSpec
-from .moe import (
+Every node class ends in `Spec`; unions (`VisionSpec`, `ConnectorSpec`, `AttentionSpec`,
+`RouterSpec`, `BalancingSpec`) are discriminated by `type`. Router classes also state the
+torch-free facts about themselves (`params`, `experts_per_token`, `compares_tokens`).
+"""
+
+from moebuild.schemas.base import CrossFieldError, RouterSpecBase, SpecModel
+from moebuild.schemas.connector import (
+    ConnectorSpec,
+    DownsampleMLPConnectorSpec,
+    LinearConnectorSpec,
+    MLPConnectorSpec,
+)
+from moebuild.schemas.language import (
+    AttentionSpec,
+    GroupedQueryAttentionSpec,
+    LanguageSpec,
+    MultiHeadAttentionSpec,
+    MultiHeadLatentAttentionSpec,
+)
+from moebuild.schemas.moe import (
+    AuxFreeBiasSpec,
+    BalancingSpec,
     CapacitySpec,
-    DenseRouter,
+    CorrectionBiasSpec,
+    CurriculumSpec,
+    DeepSpeedTop2RouterSpec,
+    DenseRouterSpec,
     DispatchSpec,
-    LoadBalance,
+    DynamicTopKRouterSpec,
+    EntropySpec,
+    ExpertChoiceRouterSpec,
+    FirstKDenseSpec,
+    GroupSpec,
+    LoadBalanceSpec,
     MoESpec,
     NoiseSpec,
     PoolSpec,
+    RouterSpec,
     RouteSpec,
-    SwitchAux,
-    TopKRouter,
-    ZLoss,
+    SeqAuxSpec,
+    SoftRouterSpec,
+    SwitchAuxSpec,
+    ThresholdRouterSpec,
+    TopKRouterSpec,
+    ZLossSpec,
     moe_layer_indices,
 )
-from .spec import ModelSpec, TokenIds
-from .training import StageSpec, TrainingSpec
-from .vision import ClipVision, DynamicTiling, SiglipVision
+from moebuild.schemas.routing import (
+    ContextRouterSpec,
+    HierarchicalRouterSpec,
+    ModalityMixRouterSpec,
+    QueryRouterSpec,
+)
+from moebuild.schemas.spec import ModelSpec, TokenIdsSpec
+from moebuild.schemas.training import StageSpec, TrainingSpec
+from moebuild.schemas.vision import (
+    ClipVisionSpec,
+    DynamicTilingSpec,
+    SiglipVisionSpec,
+    VisionSpec,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

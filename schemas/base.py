@@ -55,7 +55,7 @@ def example(data: dict) -> ConfigDict:
     return ConfigDict(json_schema_extra={"examples": [data]})
 
 
-class RouterBase(SpecModel):
+class RouterSpecBase(SpecModel):
     """What a router type tells about itself without torch; `summary`, the validator and the
     builder's registry read these, so a new router type is one class here and one module."""
 

@@ -6,17 +6,17 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field
 
-from .base import SmallCount, SpecModel
+from moebuild.schemas.base import SmallCount, SpecModel
 
 
-class LinearConnector(SpecModel):
+class LinearConnectorSpec(SpecModel):
     """One Linear(vision hidden -> language hidden) with bias (LLaVA-1.0)."""
 
     type: Literal["linear"]
     """Selects this kind: linear."""
 
 
-class MLPConnector(SpecModel):
+class MLPConnectorSpec(SpecModel):
     """Linear(vision -> H), then (activation, Linear(H -> H)) depth-1 times (LLaVA mlp2x_gelu at depth 2)."""
 
     type: Literal["mlp"]
@@ -27,7 +27,7 @@ class MLPConnector(SpecModel):
     """Activation between the Linear layers."""
 
 
-class DownsampleMLPConnector(SpecModel):
+class DownsampleMLPConnectorSpec(SpecModel):
     """DeepSeek-VL2: merge factor x factor neighbouring patches (F.unfold, channel-major), then an MLP."""
 
     type: Literal["downsample_mlp"]
@@ -41,5 +41,5 @@ class DownsampleMLPConnector(SpecModel):
 
 
 ConnectorSpec = Annotated[
-    Union[LinearConnector, MLPConnector, DownsampleMLPConnector], Field(discriminator="type")
+    Union[LinearConnectorSpec, MLPConnectorSpec, DownsampleMLPConnectorSpec], Field(discriminator="type")
 ]

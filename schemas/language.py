@@ -6,32 +6,41 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PositiveFloat, model_validator
 
-from .base import Activation, FFNWidth, HeadCount, LayerCount, Positions, SpecModel, VocabSize, Width
+from moebuild.schemas.base import (
+    Activation,
+    FFNWidth,
+    HeadCount,
+    LayerCount,
+    Positions,
+    SpecModel,
+    VocabSize,
+    Width,
+)
 
 LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
 
-# What each transformers family can be told (mirrors moebuild.language_families, which imports
+# What each transformers family can be told (mirrors moebuild.model.families, which imports
 # transformers and so cannot be read here): the spec refuses what the build would refuse.
 PARTIAL_ROTARY_FAMILIES = {"stablelm", "phi"}
 FIXED_HEAD_DIM_FAMILIES = {"stablelm", "phi"}
 ALWAYS_QKV_BIAS_FAMILIES = {"qwen2", "phi"}
 
 
-class MultiHeadAttention(SpecModel):
+class MultiHeadAttentionSpec(SpecModel):
     """Standard multi-head attention: one key/value head per query head."""
 
     type: Literal["mha"]
     """Selects this kind: mha."""
 
 
-class GroupedQueryAttention(SpecModel):
+class GroupedQueryAttentionSpec(SpecModel):
     """Grouped-query attention: language.num_kv_heads key/value heads shared by the query heads."""
 
     type: Literal["gqa"]
     """Selects this kind: gqa."""
 
 
-class MultiHeadLatentAttention(SpecModel):
+class MultiHeadLatentAttentionSpec(SpecModel):
     """DeepSeek-V2 multi-head latent attention: keys and values compressed to a shared latent."""
 
     type: Literal["mla"]
@@ -49,7 +58,7 @@ class MultiHeadLatentAttention(SpecModel):
 
 
 AttentionSpec = Annotated[
-    Union[MultiHeadAttention, GroupedQueryAttention, MultiHeadLatentAttention], Field(discriminator="type")
+    Union[MultiHeadAttentionSpec, GroupedQueryAttentionSpec, MultiHeadLatentAttentionSpec], Field(discriminator="type")
 ]
 
 
@@ -74,7 +83,7 @@ class LanguageSpec(SpecModel):
     """Width of the dense FFN (and of each expert when a pool upcycles it)."""
     vocab_size: VocabSize
     """Token vocabulary size."""
-    attention: AttentionSpec = Field(default_factory=lambda: MultiHeadAttention(type="mha"))
+    attention: AttentionSpec = Field(default_factory=lambda: MultiHeadAttentionSpec(type="mha"))
     """Attention kind: mha, gqa or mla."""
     hidden_act: Activation | None = None
     """Activation of the dense FFN; null = the family's (silu; gelu_new for phi)."""

@@ -12,21 +12,35 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from .base import Activation, ExpertCount, FFNWidth, RouterBase, SpecModel, TokenSelector, example, up_to
-from .routing import ContextRouter, HierarchicalRouter, ModalityMixRouter, QueryRouter
+from moebuild.schemas.base import (
+    Activation,
+    ExpertCount,
+    FFNWidth,
+    RouterSpecBase,
+    SpecModel,
+    TokenSelector,
+    example,
+    up_to,
+)
+from moebuild.schemas.routing import (
+    ContextRouterSpec,
+    HierarchicalRouterSpec,
+    ModalityMixRouterSpec,
+    QueryRouterSpec,
+)
 
 MAX_CAPACITY_FACTOR = 64.0
 LayerIndex = up_to(1_023, low=0)
 
 
-class FirstKDense(SpecModel):
+class FirstKDenseSpec(SpecModel):
     """Dense FFN in the first k layers, MoE in all the others (DeepSeekMoE first_k_dense_replace)."""
 
     first_k_dense: LayerIndex
     """How many leading layers keep their dense FFN."""
 
 
-LayerPattern = Union[Literal["all", "every_other", "first_half", "second_half"], FirstKDense, list[LayerIndex]]
+LayerPattern = Union[Literal["all", "every_other", "first_half", "second_half"], FirstKDenseSpec, list[LayerIndex]]
 
 
 class PoolSpec(SpecModel):
@@ -111,14 +125,14 @@ class CurriculumSpec(SpecModel):
 RouterDtype = Literal["float32", "bfloat16", "float16"]
 
 
-class CorrectionBias(SpecModel):
+class CorrectionBiasSpec(SpecModel):
     """Aux-free balancing on the router itself: `bias: {update_rate: r}` is `bias: true` plus an aux_free_bias term with rate r over the route's tokens."""
 
     update_rate: PositiveFloat = 0.001
     """Update speed gamma of b_e += gamma * sign(mean load - load_e) after each optimiser step."""
 
 
-class TopKRouter(RouterBase):
+class TopKRouterSpec(RouterSpecBase):
     """Token-choice top-k: softmax (or sigmoid) scores over a pool, each token to its k best experts."""
 
     model_config = example({"type": "topk", "top_k": 2, "capacity": {"train": 1.0, "eval": 1.0, "drop": "by_score"}})
@@ -135,7 +149,7 @@ class TopKRouter(RouterBase):
     """Renormalise each token's k weights to sum to 1."""
     scale: PositiveFloat = 1.0
     """Routed scaling factor applied to the weights (after normalisation, if any)."""
-    bias: bool | CorrectionBias = False
+    bias: bool | CorrectionBiasSpec = False
     """A correction bias (buffer e_score_correction_bias) added to the scores for selection only (DeepSeek-V3 noaux_tc); true = moved by an aux_free_bias balancing term (or fixed, as loaded, without one); {update_rate} = moved at that rate."""
     groups: GroupSpec | None = None
     """Group-limited selection; null = all experts selectable."""
@@ -163,7 +177,7 @@ class TopKRouter(RouterBase):
         return _capacity_compares(self.capacity, self.top_k)
 
 
-class DeepSpeedTop2Router(RouterBase):
+class DeepSpeedTop2RouterSpec(RouterSpecBase):
     """MoE-LLaVA's gate (DeepSpeed top2gating): softmax; top-1 argmax; second = argmax(logits + Gumbel) without the first, in training and evaluation; capacity max(ceil(2*T*cf/E), min) filled first choices first, in token order; kept gates renormalised."""
 
     model_config = example({"type": "deepspeed_top2", "capacity": {"train": 1.0, "eval": 1.0, "min": 0}})
@@ -190,7 +204,7 @@ class DeepSpeedTop2Router(RouterBase):
         return _capacity_compares(self.capacity, 2)
 
 
-class ExpertChoiceRouter(RouterBase):
+class ExpertChoiceRouterSpec(RouterSpecBase):
     """Expert choice (Zhou et al. 2022): each expert takes the capacity_factor * n / E tokens of the call it scores highest. Not causal: a token's routing depends on later tokens."""
 
     model_config = example({"type": "expert_choice", "capacity_factor": 2.0})
@@ -209,7 +223,7 @@ class ExpertChoiceRouter(RouterBase):
         return "each expert picks its tokens among all tokens of the call"
 
 
-class SoftRouter(RouterBase):
+class SoftRouterSpec(RouterSpecBase):
     """Soft MoE (Puigcerver et al. 2024): expert slots take softmax-weighted mixes of one sequence's tokens in the call; tokens take mixes of slot outputs. Not causal."""
 
     model_config = example({"type": "soft", "slots_per_expert": 2})
@@ -231,7 +245,7 @@ class SoftRouter(RouterBase):
         return "every slot mixes all tokens of a sequence"
 
 
-class ThresholdRouter(RouterBase):
+class ThresholdRouterSpec(RouterSpecBase):
     """Top-p routing: each token takes its smallest set of best experts whose softmax mass reaches threshold, at most max_experts."""
 
     model_config = example({"type": "threshold", "threshold": 0.6, "max_experts": 3})
@@ -253,7 +267,7 @@ class ThresholdRouter(RouterBase):
         return self.max_experts
 
 
-class DynamicTopKRouter(RouterBase):
+class DynamicTopKRouterSpec(RouterSpecBase):
     """LTDR (Cai et al. 2025): tokens whose routing-probability variance exceeds the mean over the route's tokens in the batch take tail_top_k experts, the others top_k; at inference too."""
 
     model_config = example({"type": "dynamic_topk", "top_k": 2, "tail_top_k": 4, "normalize": True})
@@ -284,7 +298,7 @@ class DynamicTopKRouter(RouterBase):
         return "a token is a tail token by comparison with the mean over the route's tokens of the call"
 
 
-class DenseRouter(RouterBase):
+class DenseRouterSpec(RouterSpecBase):
     """Every token to every expert of the pool (shared experts), with weight 1 or a sigmoid gate."""
 
     model_config = example({"type": "dense", "gate": "sigmoid"})
@@ -303,8 +317,8 @@ class DenseRouter(RouterBase):
 
 RouterSpec = Annotated[
     Union[
-        TopKRouter, DenseRouter, DeepSpeedTop2Router, ExpertChoiceRouter, SoftRouter, ThresholdRouter, DynamicTopKRouter,
-        HierarchicalRouter, ModalityMixRouter, ContextRouter, QueryRouter],
+        TopKRouterSpec, DenseRouterSpec, DeepSpeedTop2RouterSpec, ExpertChoiceRouterSpec, SoftRouterSpec, ThresholdRouterSpec, DynamicTopKRouterSpec,
+        HierarchicalRouterSpec, ModalityMixRouterSpec, ContextRouterSpec, QueryRouterSpec],
     Field(discriminator="type"),
 ]
 
@@ -329,21 +343,21 @@ class _BalancingTerm(SpecModel):
     """Which tokens the statistics are taken over (padding never counts)."""
 
 
-class SwitchAux(_BalancingTerm):
+class SwitchAuxSpec(_BalancingTerm):
     """Switch aux loss E * sum_e f_e * P_e, f_e = share of tokens whose top-1 is e; 1.0 when balanced."""
 
     type: Literal["switch_aux"]
     """Selects this kind: switch_aux."""
 
 
-class LoadBalance(_BalancingTerm):
+class LoadBalanceSpec(_BalancingTerm):
     """GShard/Mixtral load balance E * sum_e f_e * P_e, f_e = share of the top-k assignments; 1.0 when balanced."""
 
     type: Literal["load_balance"]
     """Selects this kind: load_balance."""
 
 
-class ZLoss(_BalancingTerm):
+class ZLossSpec(_BalancingTerm):
     """Router z-loss mean(logsumexp(logits)^2) (ST-MoE): keeps router logits small."""
 
     type: Literal["z_loss"]
@@ -352,21 +366,21 @@ class ZLoss(_BalancingTerm):
     """Weight of the term in the loss (summed over MoE layers)."""
 
 
-class SeqAux(_BalancingTerm):
+class SeqAuxSpec(_BalancingTerm):
     """DeepSeek sequence-wise balance loss: per sequence sum_e f_e * P_e (f_e = E * share of the sequence's assignments, P_e = mean normalised score), averaged over sequences; 1.0 when balanced."""
 
     type: Literal["seq_aux"]
     """Selects this kind: seq_aux."""
 
 
-class Entropy(_BalancingTerm):
+class EntropySpec(_BalancingTerm):
     """Mean entropy of each token's normalised router scores; with coef > 0 it sharpens routing."""
 
     type: Literal["entropy"]
     """Selects this kind: entropy."""
 
 
-class AuxFreeBias(SpecModel):
+class AuxFreeBiasSpec(SpecModel):
     """Aux-loss-free balancing (DeepSeek-V3): after each optimiser step (model.update_balancing() or BalancingCallback), every router with bias: true moves its correction bias by rate * sign(mean load - load_e). Adds nothing to the loss."""
 
     type: Literal["aux_free_bias"]
@@ -377,7 +391,7 @@ class AuxFreeBias(SpecModel):
     """Which tokens the loads are counted over (padding never counts)."""
 
 
-BalancingSpec = Annotated[Union[SwitchAux, LoadBalance, SeqAux, Entropy, ZLoss, AuxFreeBias], Field(discriminator="type")]
+BalancingSpec = Annotated[Union[SwitchAuxSpec, LoadBalanceSpec, SeqAuxSpec, EntropySpec, ZLossSpec, AuxFreeBiasSpec], Field(discriminator="type")]
 
 
 class DispatchSpec(SpecModel):
@@ -418,14 +432,14 @@ class MoESpec(SpecModel):
     def router_bias_updates(self) -> list[tuple[float, str]]:
         """(update rate, route tokens) of every router spelling its own bias update, `bias: {update_rate}`."""
         return [(route.router.bias.update_rate, route.tokens) for route in self.routes
-                if isinstance(getattr(route.router, "bias", None), CorrectionBias)]
+                if isinstance(getattr(route.router, "bias", None), CorrectionBiasSpec)]
 
 
 def moe_layer_indices(layers: LayerPattern, num_layers: int) -> list[int]:
     """The decoder layers a layer pattern turns into MoE layers."""
     if isinstance(layers, list):
         return sorted(set(layers))
-    if isinstance(layers, FirstKDense):
+    if isinstance(layers, FirstKDenseSpec):
         return list(range(layers.first_k_dense, num_layers))
     return {
         "all": list(range(num_layers)),

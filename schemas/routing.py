@@ -20,13 +20,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import ExpertCount, RouterBase, example, up_to
+from moebuild.schemas.base import ExpertCount, RouterSpecBase, example, up_to
 
 ExpertGroups = dict[str, ExpertCount]
 """Named groups of consecutive experts of the route's pool, in order, sizes summing to its num_experts."""
 
 
-class _Grouped(RouterBase):
+class _Grouped(RouterSpecBase):
     groups: ExpertGroups = Field(min_length=2)
     """Named groups of consecutive experts of the pool, e.g. {image: 4, text: 4}; sizes sum to the pool's num_experts."""
     top_k: ExpertCount = 1
@@ -42,7 +42,7 @@ class _Grouped(RouterBase):
         return self
 
 
-class HierarchicalRouter(_Grouped):
+class HierarchicalRouterSpec(_Grouped):
     """Two-level routing: a gate over groups picks `top_groups`, then top-k experts inside each."""
 
     model_config = example({"type": "hierarchical", "groups": {"image": 2, "text": 2}, "top_groups": 1, "top_k": 2})
@@ -65,7 +65,7 @@ class HierarchicalRouter(_Grouped):
         return self.top_groups * self.top_k
 
 
-class ModalityMixRouter(_Grouped):
+class ModalityMixRouterSpec(_Grouped):
     """Soft modality mixing: every group, weighted by a learned softmax over groups per token modality."""
 
     model_config = example({"type": "modality_mix", "groups": {"image": 2, "text": 2}, "top_k": 1})
@@ -80,7 +80,7 @@ class ModalityMixRouter(_Grouped):
         return len(self.groups) * self.top_k
 
 
-class _FeatureTopK(RouterBase):
+class _FeatureTopK(RouterSpecBase):
     top_k: ExpertCount
     """Experts per token."""
     score: Literal["softmax", "sigmoid"] = "softmax"
@@ -95,7 +95,7 @@ class _FeatureTopK(RouterBase):
         return self.top_k
 
 
-class ContextRouter(_FeatureTopK):
+class ContextRouterSpec(_FeatureTopK):
     """Top-k over the token and its neighbours' mean: image patches on their grid, text as a causal chain."""
 
     model_config = example({"type": "context", "top_k": 2, "hops": 2})
@@ -106,7 +106,7 @@ class ContextRouter(_FeatureTopK):
     """Rounds of neighbour averaging (message passing) before the gate."""
 
 
-class QueryRouter(_FeatureTopK):
+class QueryRouterSpec(_FeatureTopK):
     """Top-k over the token and the mean of the text tokens before it in its sequence (the prompt)."""
 
     model_config = example({"type": "query", "top_k": 2})

@@ -6,15 +6,21 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import CrossFieldError, Path, SpecModel, TokenId, did_you_mean
-from .connector import ConnectorSpec
-from .language import LanguageSpec
-from .moe import MoESpec, moe_layer_indices
-from .training import TRAINABLE_ROOTS, TrainingSpec
-from .vision import VisionSpec
+from moebuild.schemas.base import (
+    CrossFieldError,
+    Path,
+    SpecModel,
+    TokenId,
+    did_you_mean,
+)
+from moebuild.schemas.connector import ConnectorSpec
+from moebuild.schemas.language import LanguageSpec
+from moebuild.schemas.moe import MoESpec, moe_layer_indices
+from moebuild.schemas.training import TRAINABLE_ROOTS, TrainingSpec
+from moebuild.schemas.vision import VisionSpec
 
 
-class TokenIds(SpecModel):
+class TokenIdsSpec(SpecModel):
     """Special token ids the model needs without a tokenizer."""
 
     image: TokenId | None = None
@@ -46,7 +52,7 @@ class ModelSpec(SpecModel):
     """Language decoder."""
     moe: MoESpec | None = None
     """MoE layers; null = a dense model."""
-    tokens: TokenIds = Field(default_factory=TokenIds)
+    tokens: TokenIdsSpec = Field(default_factory=TokenIdsSpec)
     """Special token ids."""
     training: TrainingSpec | None = None
     """Staged training recipe."""

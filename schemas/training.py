@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import SpecModel
+from moebuild.schemas.base import SpecModel
 
 TRAINABLE_ROOTS = ("vision", "connector", "language", "moe")
 """First segment of a trainable pattern: a component, or `moe` for every expert and router."""

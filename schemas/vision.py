@@ -6,10 +6,19 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
-from .base import Activation, FFNWidth, HeadCount, ImageSide, LayerCount, SmallCount, SpecModel, Width
+from moebuild.schemas.base import (
+    Activation,
+    FFNWidth,
+    HeadCount,
+    ImageSide,
+    LayerCount,
+    SmallCount,
+    SpecModel,
+    Width,
+)
 
 
-class DynamicTiling(SpecModel):
+class DynamicTilingSpec(SpecModel):
     """DeepSeek-VL2 dynamic tiling: a global view plus local tiles on the best-fitting grid.
 
     The model lays each picture out as DeepSeek-VL2 does: the global view's token rows, each
@@ -52,7 +61,7 @@ class _VisionBase(SpecModel):
     """Keep the tower's weights out of training."""
     layer_norm_eps: float = 1e-5
     """Epsilon of the tower's LayerNorms."""
-    tiling: DynamicTiling | None = None
+    tiling: DynamicTilingSpec | None = None
     """Image tiling; null = one resized image per picture."""
 
     @model_validator(mode="after")
@@ -72,7 +81,7 @@ class _VisionBase(SpecModel):
         return self
 
 
-class ClipVision(_VisionBase):
+class ClipVisionSpec(_VisionBase):
     """A CLIP ViT (transformers CLIPVisionModel): a CLS token plus one token per patch."""
 
     type: Literal["clip"]
@@ -89,7 +98,7 @@ class ClipVision(_VisionBase):
         return self
 
 
-class SiglipVision(_VisionBase):
+class SiglipVisionSpec(_VisionBase):
     """A SigLIP ViT (transformers SiglipVisionModel): patch tokens only, no CLS."""
 
     type: Literal["siglip"]
@@ -104,4 +113,4 @@ class SiglipVision(_VisionBase):
     """Epsilon of the tower's LayerNorms."""
 
 
-VisionSpec = Annotated[Union[ClipVision, SiglipVision], Field(discriminator="type")]
+VisionSpec = Annotated[Union[ClipVisionSpec, SiglipVisionSpec], Field(discriminator="type")]

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from moebuild.cli import main
-from moebuild.loading import load_spec, resolve_spec
-from moebuild.presets import list_presets, preset_family
+from moebuild.spec.loading import load_spec, resolve_spec
+from moebuild.spec.presets import list_presets, preset_family
 
 DATA = Path(__file__).parent / "data"
 LOCATED = re.compile(r"^(\S+):(\d+):(\d+): error: ")

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from moebuild.cli import main
-from moebuild.model import MoEVLMForConditionalGeneration
+from moebuild.model.vlm import MoEVLMForConditionalGeneration
 
 
 def run(*args: str):
@@ -52,7 +52,7 @@ def test_compile_replaces_only_a_model_it_wrote(tmp_path):
 def test_compile_force_refuses_the_root_directory_before_building(monkeypatch):
     import shutil
 
-    from moebuild import compile as compile_module
+    from moebuild.model import vlm as compile_module
 
     deleted = []
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: deleted.append(path))
@@ -92,7 +92,7 @@ def test_compile_error_while_building_is_one_line_and_leaves_no_output(tmp_path)
 
 
 def test_compile_refuses_weights_that_exceed_the_memory_before_allocating(tmp_path, monkeypatch):
-    from moebuild import memory_budget
+    from moebuild.model import memory_budget
 
     monkeypatch.setattr(memory_budget, "available_bytes", lambda device: 1 << 20)
     result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"))

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import tomllib
 import warnings
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

@@ -1,9 +1,9 @@
 """The zoo: every preset parses, says where it comes from, and counts to its system's published figures.
 
-Golden integers are this project's own accounting (moebuild.summary, itself checked against meta
+Golden integers are this project's own accounting (moebuild.accounting, itself checked against meta
 builds of the modules in tests/builder/test_summary.py and test_model.py); the published figures
 are the papers' and model cards', compared under each system's counting convention and quoting
-(see moebuild.summary.PUBLISHED).
+(see moebuild.accounting.PUBLISHED).
 """
 
 import math
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import moebuild
-from moebuild.compile import build
-from moebuild.loading import load_spec
-from moebuild.summary import summarize
+from moebuild import build
+from moebuild.accounting import summarize
+from moebuild.spec.loading import load_spec
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 PRESETS = sorted(path.stem for path in ZOO.glob("*/*.yaml"))
@@ -62,7 +62,7 @@ def _quoted(count: int, published: str, rounding) -> str:
 def test_preset_parses_and_cites_its_source(name):
     spec = load_spec(name)
     assert spec.name == name
-    lines = (ZOO / moebuild.presets.preset_family(name) / f"{name}.yaml").read_text().splitlines()
+    lines = (ZOO / moebuild.spec.presets.preset_family(name) / f"{name}.yaml").read_text().splitlines()
     assert lines[0].startswith(f"# {name}: ")
     comment = " ".join(line for line in lines if line.startswith("#"))
     assert re.search(r"\b(19|20)\d\d\b", comment), "cite the paper with its year"

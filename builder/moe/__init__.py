@@ -1,43 +1,32 @@
-"""The MoE layer runtime: routers, expert pools, dispatch backends, balancing terms, the layer."""
+"""The MoE layer runtime: the layer (layer.py), what a router knows of its tokens (batch.py), the
+routers (routers/), expert pools (experts.py), dispatch backends (dispatch.py), balancing terms."""
 
-from moebuild.moe.balancing import TERMS, BalancingCallback, entropy, load_balance, seq_aux, switch_aux, z_loss
-from moebuild.moe.deepspeed import DeepSpeedTop2Router
+from moebuild.moe.balancing import (
+    BalancingCallback,
+    BalancingTerm,
+    BiasBalancing,
+    Entropy,
+    LoadBalance,
+    SeqAux,
+    SwitchAux,
+    ZLoss,
+    entropy,
+    load_balance,
+    seq_aux,
+    switch_aux,
+    z_loss,
+)
+from moebuild.moe.batch import IMAGE, TEXT, LayerCall, RouteBatch
 from moebuild.moe.dispatch import BACKENDS, get_dispatch
-from moebuild.moe.dynamic_routers import DynamicTopKRouter, ThresholdRouter
-from moebuild.moe.expert_choice import ExpertChoiceRouter
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.layer import IMAGE, SELECTORS, TEXT, BalancingTerm, BiasBalancing, MoELayer, MoELayerOutput, Route
-from moebuild.moe.routers import DenseRouter, TopKRouter
-from moebuild.moe.routing import Capacity, RouteTokens, Routing
-from moebuild.moe.soft import SoftRouter
+from moebuild.moe.layer import SELECTORS, MoELayer, MoELayerOutput, Route
+from moebuild.moe.routers.base import Capacity, Router, Routing
+from moebuild.moe.routers.contextual import ContextRouter, QueryRouter
+from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
+from moebuild.moe.routers.dynamic import DynamicTopKRouter, ThresholdRouter
+from moebuild.moe.routers.expert_choice import ExpertChoiceRouter
+from moebuild.moe.routers.hierarchical import HierarchicalRouter, ModalityMixRouter
+from moebuild.moe.routers.soft import SoftRouter
+from moebuild.moe.routers.topk import DenseRouter, TopKRouter
 
-__all__ = [
-    "BACKENDS",
-    "IMAGE",
-    "SELECTORS",
-    "TERMS",
-    "TEXT",
-    "BalancingCallback",
-    "BalancingTerm",
-    "BiasBalancing",
-    "Capacity",
-    "DeepSpeedTop2Router",
-    "DenseRouter",
-    "DynamicTopKRouter",
-    "ExpertChoiceRouter",
-    "ExpertPool",
-    "MoELayer",
-    "MoELayerOutput",
-    "Route",
-    "RouteTokens",
-    "Routing",
-    "SoftRouter",
-    "ThresholdRouter",
-    "TopKRouter",
-    "entropy",
-    "get_dispatch",
-    "load_balance",
-    "seq_aux",
-    "switch_aux",
-    "z_loss",
-]
+__all__ = [name for name in dir() if not name.startswith("_")]

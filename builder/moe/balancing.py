@@ -13,7 +13,8 @@ transformers `Trainer`.
 Legend: T tokens, E experts, K slots per token, B sequences; n = number of counted tokens.
 """
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -92,28 +93,73 @@ def z_loss(logits_TE: Tensor, mask_T: Tensor) -> Tensor:
     return (z_T.square() * mask_T).sum() / mask_T.sum().clamp_min(1)
 
 
-TermFn = Callable[[object, Tensor, object], Tensor]
+@dataclass
+class BalancingTerm:
+    """One balancing term of a layer: `coef * value(routing, mask_T, batch)` for every route whose
+    router is `balanced`, over the route's tokens that `tokens` names (padding never counts)."""
+
+    coef: float
+    tokens: str = "all"
+    name: ClassVar[str]
+
+    def __post_init__(self):
+        if self.tokens not in ("all", "text", "image"):
+            raise ValueError(f"unknown token selector {self.tokens!r}; choose from all, text, image")
+
+    @classmethod
+    def from_spec(cls, node) -> "BalancingTerm":
+        return cls(node.coef, node.tokens)
+
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        raise NotImplementedError
 
 
-def routing_term(fn: Callable[..., Tensor], *fields: str, per_sequence: bool = False) -> TermFn:
-    """Adapt a pure statistic to the layer's call `term(routing, mask_T, tokens)`."""
+class SwitchAux(BalancingTerm):
+    name = "switch_aux"
 
-    def term(routing, mask_T: Tensor, tokens) -> Tensor:
-        args = [getattr(routing, name) for name in fields] + [mask_T]
-        return fn(*args, tokens.seq_T, tokens.num_seqs) if per_sequence else fn(*args)
-
-    term.__name__ = fn.__name__
-    return term
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        return switch_aux(routing.probs_TE, routing.topk_ids_TK, mask_T)
 
 
-# balancing term type -> fn(routing, mask_T, tokens); adding a term is one function and one entry here.
-TERMS: dict[str, TermFn] = {
-    "switch_aux": routing_term(switch_aux, "probs_TE", "topk_ids_TK"),
-    "load_balance": routing_term(load_balance, "probs_TE", "topk_ids_TK"),
-    "seq_aux": routing_term(seq_aux, "probs_TE", "topk_ids_TK", per_sequence=True),
-    "entropy": routing_term(entropy, "probs_TE"),
-    "z_loss": routing_term(z_loss, "logits_TE"),
-}
+class LoadBalance(BalancingTerm):
+    name = "load_balance"
+
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        return load_balance(routing.probs_TE, routing.topk_ids_TK, mask_T)
+
+
+class SeqAux(BalancingTerm):
+    name = "seq_aux"
+
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        return seq_aux(routing.probs_TE, routing.topk_ids_TK, mask_T, batch.seq_R, batch.num_seqs)
+
+
+class Entropy(BalancingTerm):
+    name = "entropy"
+
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        return entropy(routing.probs_TE, mask_T)
+
+
+class ZLoss(BalancingTerm):
+    name = "z_loss"
+
+    def value(self, routing, mask_T: Tensor, batch) -> Tensor:
+        return z_loss(routing.logits_TE, mask_T)
+
+
+@dataclass
+class BiasBalancing:
+    """Aux-loss-free balancing (Wang et al. 2024): after each optimiser step, every router with a
+    correction bias moves it by `rate * sign(mean load - load_e)`, loads counted over `tokens`."""
+
+    rate: float
+    tokens: str = "all"
+
+    @classmethod
+    def from_spec(cls, node) -> "BiasBalancing":
+        return cls(node.rate, node.tokens)
 
 
 class BalancingCallback(TrainerCallback):

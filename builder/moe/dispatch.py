@@ -19,7 +19,7 @@ DispatchFn = Callable[[Tensor, Tensor, Tensor, "torch.nn.Module"], Tensor]
 
 
 def triton_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    from moebuild.kernels.triton_dispatch import triton_dispatch as dispatch
+    from moebuild.kernels.triton.dispatch import triton_dispatch as dispatch
 
     return dispatch(x_TD, weights_TK, ids_TK, pool)
 

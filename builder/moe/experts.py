@@ -31,6 +31,7 @@ class ExpertPool(nn.Module):
         gated: bool = True,
         bias: bool = False,
         backend: str = "torch",
+        upcycle: bool = False,
         init_std: float = 0.02,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -42,6 +43,7 @@ class ExpertPool(nn.Module):
         self.gated = gated
         self.activation = activation
         self.backend = check_backend(backend)
+        self.upcycle = upcycle  # initialised with every expert a copy of one FFN (see vlm.init_custom_weights)
         self.init_std = init_std
         self.act_fn = ACT2FN[activation]
         factory = {"device": device, "dtype": dtype}
@@ -55,6 +57,11 @@ class ExpertPool(nn.Module):
         out_bias = nn.Parameter(torch.empty(E, D, **factory)) if bias else None
         self.register_parameter("down_proj_bias", out_bias)
         self.reset_parameters()
+
+    @classmethod
+    def from_spec(cls, node, *, hidden_size: int, backend: str = "auto") -> "ExpertPool":
+        return cls(node.num_experts, hidden_size, node.intermediate_size, activation=node.activation, gated=node.gated,
+                   bias=node.bias, backend=backend, upcycle=node.init == "upcycle")
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights and zero biases, as transformers' `_init_weights`."""

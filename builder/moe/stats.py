@@ -13,7 +13,8 @@ Legend: R tokens of one route, E experts, K slots per token.
 import torch
 from torch import Tensor
 
-from moebuild.moe.routing import IMAGE, TEXT, Routing
+from moebuild.moe.batch import IMAGE, TEXT
+from moebuild.moe.routers.base import Routing
 
 MODALITIES = {"text": TEXT, "image": IMAGE}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moebuild.connectors import (
+from moebuild.model.connectors import (
     CONNECTORS,
     DownsampleMLPConnector,
     LinearConnector,

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DeepseekV2Config, DynamicCache, StableLmConfig
 
-from moebuild.language import LanguageModel, LayerRouterStats, make_hf_config
+from moebuild.model.language import LanguageModel, LayerRouterStats, make_hf_config
 
 TINY = dict(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96, vocab_size=128)
 MLA = dict(type="mla", kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)

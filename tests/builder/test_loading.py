@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moebuild.errors import Diagnostic, SpecError, did_you_mean, format_path
-from moebuild.loading import dump_yaml, load_spec, resolve_spec
-from moebuild.presets import list_presets, preset_family, preset_path
+from moebuild.spec.errors import Diagnostic, SpecError, did_you_mean, format_path
+from moebuild.spec.loading import dump_yaml, load_spec, resolve_spec
+from moebuild.spec.presets import list_presets, preset_family, preset_path
 
 DATA = Path(__file__).parent.parent / "data"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import moebuild
-from moebuild.compile import build, build_processor
-from moebuild.model import MoEVLMForConditionalGeneration
-from moebuild.summary import summarize
+from moebuild import build, build_processor
+from moebuild.accounting import summarize
+from moebuild.model.vlm import MoEVLMForConditionalGeneration
 
 MICRO = ["micro-moe-llava", "micro-deepseek-vl2", "micro-ltdr"]
 
@@ -170,3 +170,14 @@ def test_every_preset_stage_trains_something_it_names(name):
     for stage in model.spec.training.stages:
         counts = model.trainable_for_stage(stage.name)
         assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+
+
+def test_build_sets_no_process_state():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model = build("micro-moe-llava", dtype="bfloat16", seed=0)
+    assert torch.equal(torch.get_rng_state(), before) and torch.get_default_dtype() == torch.float32
+    assert model.language.lm_head.weight.dtype == torch.bfloat16
+    assert model.language.model.rotary_emb.inv_freq.dtype == torch.float32  # as transformers keeps it
+    again = build("micro-moe-llava", dtype="bfloat16", seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

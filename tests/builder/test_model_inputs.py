@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moebuild.compile import build
-from moebuild.model import MoEVLMForConditionalGeneration
+from moebuild import build
+from moebuild.model.vlm import MoEVLMForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_empty_inputs(model):
 @pytest.mark.parametrize("shape", [(1, 1, 56, 56), (1, 3, 64, 64), (3, 56, 56), (0, 3, 56, 56)])
 def test_pictures_of_the_wrong_shape(model, shape):
     ids, _ = prompt(model)
-    bad(model, re.escape(f"pixel_values must be [images, 3, 56, 56]") + ".*" + re.escape(f"got shape {shape}"),
+    bad(model, re.escape("pixel_values must be [images, 3, 56, 56]") + ".*" + re.escape(f"got shape {shape}"),
         input_ids=ids, pixel_values=torch.randn(shape))
 
 

@@ -5,9 +5,10 @@ import torch
 from transformers import CLIPVisionModel, StableLmForCausalLM
 
 import moebuild
-from moebuild.compile import build, language_hf_config
-from moebuild.pretrained import CheckpointError
-from moebuild.vision import _vision_config
+from moebuild import build
+from moebuild.model.pretrained import CheckpointError
+from moebuild.model.vision import _vision_config
+from moebuild.registry import language_hf_config
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import (
+    SiglipImageProcessorPil,
+)
 
-from moebuild.processing import (
+from moebuild.model.processing import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     TiledImageProcessor,

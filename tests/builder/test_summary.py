@@ -1,4 +1,4 @@
-"""moebuild.summary against the parameter counts of the modules themselves, built on the meta device.
+"""moebuild.accounting against the parameter counts of the modules themselves, built on the meta device.
 
 Vision towers and decoders are transformers' own classes (the ones moebuild wraps), connectors
 moebuild's; a decoder is built dense and split by parameter name into the summary's parts. Expert
@@ -14,19 +14,30 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    CLIPVisionConfig, CLIPVisionModel, DeepseekV2Config, DeepseekV2ForCausalLM, LlamaConfig, LlamaForCausalLM,
-    PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel,
-    StableLmConfig, StableLmForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
-from moebuild.compat import CACHE_NAME
-from moebuild.connectors import CONNECTORS
-from moebuild.loading import load_spec
-from moebuild.moe.build import build_router
+from moebuild.accounting import BYTES_PER_DTYPE, format_table, summarize
+from moebuild.model.compat import CACHE_NAME
+from moebuild.model.connectors import CONNECTORS
+from moebuild.model.tiling import TiledConnector
 from moebuild.moe.experts import ExpertPool
+from moebuild.registry import build_module
 from moebuild.schemas import ModelSpec
-from moebuild.summary import BYTES_PER_DTYPE, format_table, summarize
-from moebuild.tiling import TiledConnector
+from moebuild.spec.loading import load_spec
 
 ZOO = Path(__file__).resolve().parents[2] / "zoo"
 PRESETS = sorted(path.stem for path in ZOO.glob("*/*.yaml"))
@@ -114,7 +125,7 @@ def _moe_reference(spec: ModelSpec) -> dict[str, int]:
             module = ExpertPool(pool.num_experts, h, pool.intermediate_size, pool.activation, pool.gated, pool.bias)
         parts[f"experts.{name}"] = n_moe * _numel(module.parameters())
     with torch.device("meta"):
-        routers = [build_router(route.router, hidden_size=h, num_experts=spec.moe.pools[route.pool].num_experts)
+        routers = [build_module(route.router, hidden_size=h, num_experts=spec.moe.pools[route.pool].num_experts)
                    for route in spec.moe.routes]
     parts["routers"] = n_moe * sum(_numel(router.parameters()) for router in routers)
     return parts
@@ -292,6 +303,6 @@ def test_json_keys_and_table():
 
 
 def test_import_does_not_load_torch():
-    code = ("import sys, moebuild.summary, moebuild; moebuild.summarize; "
+    code = ("import sys, moebuild.accounting, moebuild; moebuild.summarize; "
             "assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from moebuild.compile import build, build_processor
-from moebuild.loading import load_spec
-from moebuild.tiling import TiledConnector, tiled_token_count
+from moebuild import build, build_processor
+from moebuild.model.tiling import TiledConnector, tiled_token_count
+from moebuild.spec.loading import load_spec
 
 H = 8
 

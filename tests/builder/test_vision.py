@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
 
-from moebuild.vision import VisionTower, build_vision_tower
+from moebuild.model.vision import VisionTower, build_vision_tower
 
 TINY = dict(image_size=28, patch_size=14, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from moebuild.language import LanguageModel, make_hf_config
+from moebuild.model.language import LanguageModel, make_hf_config
 
 TINY = dict(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96, vocab_size=128)
 MLA = dict(type="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)

@@ -84,18 +84,13 @@ def test_deepseek_v3_noaux_tc_router():
     x_TD = torch.randn(64, H)
     with torch.no_grad():
         logits, weights, ids = theirs.gate(x_TD)
-        routing = ours.routes[1].router(x_TD)
+        routing = ours.routes[1].router.route(x_TD)
     # transformers returns the k experts unsorted: compare as (expert -> weight) maps per token
     assert (as_map(routing.ids_TK, routing.weights_TK) - as_map(ids, weights)).abs().max() <= 1e-5
     assert (routing.logits_TE - logits).abs().max() <= 1e-5
     # the bias changed some selections, never the weights: they are the unbiased sigmoid scores
     unbiased = torch.sigmoid(logits).topk(2, dim=-1).indices.sort(-1).values
     assert not torch.equal(unbiased, routing.ids_TK.sort(-1).values)
-
-
-def as_map(ids, weights, experts=8):
-    """(expert -> weight) per token: transformers returns the k experts unsorted."""
-    return torch.zeros(ids.shape[0], experts).scatter(1, ids, weights)
 
 
 def deepseek_vl2_gate(logits_TE, bias_E, method, n_group, topk_group, top_k, norm_topk_prob, scale):
@@ -132,7 +127,7 @@ def test_noaux_tc_fills_dropped_groups_with_zero_as_deepseek_so_negative_biases_
     router.e_score_correction_bias.normal_(-1.0, 0.05)  # every biased score in (-1, 0)
     x_TD = torch.randn(64, H)
     with torch.no_grad():
-        routing = router(x_TD)
+        routing = router.route(x_TD)
         ids, weights = deepseek_vl2_gate(routing.logits_TE, router.e_score_correction_bias, "noaux_tc", 4, 2, 2,
                                          True, 2.5)
     assert (as_map(routing.ids_TK, routing.weights_TK) - as_map(ids, weights)).abs().max() <= 1e-5
@@ -145,7 +140,9 @@ def test_noaux_tc_fills_dropped_groups_with_zero_as_deepseek_so_negative_biases_
 
 def test_group_limited_greedy_ranks_groups_by_their_best_expert_as_deepseek_v2():
     from transformers import DeepseekV2Config
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+        DeepseekV2TopkRouter,
+    )
 
     config = DeepseekV2Config(hidden_size=H, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
                               topk_method="group_limited_greedy", routed_scaling_factor=1.5)
@@ -159,14 +156,14 @@ def test_group_limited_greedy_ranks_groups_by_their_best_expert_as_deepseek_v2()
     x_TD = torch.randn(64, H)
     with torch.no_grad():
         _, weights, ids = theirs(x_TD)
-        routing = ours(x_TD)
+        routing = ours.route(x_TD)
         ref_ids, ref_weights = deepseek_vl2_gate(routing.logits_TE, None, "group_limited_greedy", 4, 2, 3, False, 1.5)
     got = as_map(routing.ids_TK, routing.weights_TK, 16)
     assert (got - as_map(ids, weights, 16)).abs().max() <= 1e-5
     assert (got - as_map(ref_ids, ref_weights, 16)).abs().max() <= 1e-5
     ours.group_rank = "top2_sum"  # V3's rule keeps other groups for some tokens
     with torch.no_grad():
-        assert not torch.equal(ours(x_TD).ids_TK.sort(-1).values, routing.ids_TK.sort(-1).values)
+        assert not torch.equal(ours.route(x_TD).ids_TK.sort(-1).values, routing.ids_TK.sort(-1).values)
 
 
 def test_deepseek_v3_moe_block():

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from moebuild.schemas import CrossFieldError, ModelSpec, moe_layer_indices
-from moebuild.schemas.moe import FirstKDense
+from moebuild.schemas.moe import FirstKDenseSpec
 
 
 def _preset(family, name):
@@ -51,7 +51,7 @@ def test_micro_presets_validate():
         ("every_other", [0, 2, 4]),
         ("first_half", [0, 1, 2]),
         ("second_half", [3, 4, 5]),
-        (FirstKDense(first_k_dense=1), [1, 2, 3, 4, 5]),
+        (FirstKDenseSpec(first_k_dense=1), [1, 2, 3, 4, 5]),
         ([4, 0, 4], [0, 4]),
     ],
 )

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from moebuild.moe.balancing import BalancingCallback
+from moebuild.moe.balancing import BalancingCallback, BiasBalancing
+from moebuild.moe.batch import IMAGE, TEXT
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.layer import IMAGE, TEXT, BiasBalancing, MoELayer, Route
-from moebuild.moe.routers import TopKRouter
+from moebuild.moe.layer import MoELayer, Route
+from moebuild.moe.routers.topk import TopKRouter
 
 D = 8
 
@@ -26,7 +27,7 @@ def test_update_moves_bias_by_sign_of_load_gap():
     mask_BS = torch.ones(2, 10, dtype=torch.long)
     mask_BS[1, 7:] = 0
     router = layer.routes[0].router
-    ids_T = router(x_BSD.reshape(-1, D)).topk_ids_TK[:, 0]
+    ids_T = router.route(x_BSD.reshape(-1, D)).topk_ids_TK[:, 0]
     layer(x_BSD, attention_mask_BS=mask_BS)
     layer(x_BSD, attention_mask_BS=mask_BS, output_router_stats=False)  # counts without statistics too
     load_E = 2 * torch.bincount(ids_T[mask_BS.reshape(-1).bool()], minlength=4)
@@ -72,7 +73,7 @@ def test_callback_calls_update_balancing_after_each_step():
 
 def test_router_level_update_rate_is_the_aux_free_bias_term_spelt_on_the_router():
     """DESIGN.md's `bias: {update_rate: r}` builds the same balancing as `bias: true` + an aux_free_bias term."""
-    from moebuild.moe.build import build_moe
+    from moebuild.registry import build_moe
     from moebuild.schemas import MoESpec
 
     def moe(router_bias, balancing):

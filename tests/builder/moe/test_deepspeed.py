@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from moebuild.moe.balancing import switch_aux
-from moebuild.moe.deepspeed import DeepSpeedTop2Router
+from moebuild.moe.balancing import SwitchAux, switch_aux
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.layer import BalancingTerm, MoELayer, Route
-from moebuild.moe.routing import Capacity
+from moebuild.moe.layer import MoELayer, Route
+from moebuild.moe.routers.base import Capacity
+from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
 
 LOGITS_TE = torch.tensor([[2.0, 1.0, 0.0], [1.5, 0.0, 1.0], [3.0, 0.5, 0.0], [0.0, 2.0, 1.0]])
 GUMBEL_TE = torch.tensor([[0.0, -1.0, 0.5], [0.0, 0.8, 0.1], [0.0, 0.2, 0.9], [0.3, 0.0, -0.5]])
@@ -40,7 +40,7 @@ def worked_router(capacity=Capacity(train=0.75, eval=2.0, min=0)):
 
 
 def test_worked_example_selection_drops_and_gates():
-    routing = worked_router().train()(LOGITS_TE)
+    routing = worked_router().train().route(LOGITS_TE)
     g = [softmax_row(row) for row in LOGITS_TE.tolist()]
     assert routing.capacity == 2
     assert routing.topk_ids_TK.tolist() == WANT_TOPK
@@ -62,7 +62,7 @@ def test_worked_example_selection_drops_and_gates():
 
 
 def test_evaluation_keeps_the_noise_and_switches_the_capacity_factor():
-    routing = worked_router().eval()(LOGITS_TE)
+    routing = worked_router().eval().route(LOGITS_TE)
     assert routing.capacity == math.ceil(2 * 4 * 2.0 / 3)  # 6: nothing dropped
     assert routing.ids_TK.tolist() == WANT_TOPK  # Gumbel second choice at evaluation too
     g = [softmax_row(row) for row in LOGITS_TE.tolist()]
@@ -72,16 +72,16 @@ def test_evaluation_keeps_the_noise_and_switches_the_capacity_factor():
 def test_eval_noise_off_takes_the_second_best_logit():
     router = worked_router()
     router.eval_noise = False
-    routing = router.eval()(LOGITS_TE)
+    routing = router.eval().route(LOGITS_TE)
     # Without noise the second choices are t0: 1, t1: 2, t2: 1, t3: 2 (the comments above).
     assert routing.ids_TK.tolist() == [[0, 1], [0, 2], [0, 1], [1, 2]]
-    assert router.train()(LOGITS_TE).topk_ids_TK.tolist() == WANT_TOPK  # training keeps the noise
+    assert router.train().route(LOGITS_TE).topk_ids_TK.tolist() == WANT_TOPK  # training keeps the noise
 
 
 def test_min_capacity_and_dropless():
-    routing = worked_router(Capacity(train=0.75, eval=2.0, min=3)).train()(LOGITS_TE)
+    routing = worked_router(Capacity(train=0.75, eval=2.0, min=3)).train().route(LOGITS_TE)
     assert routing.capacity == 3 and routing.ids_TK.tolist() == [[0, 2], [0, 2], [0, 2], [1, -1]]
-    dropless = worked_router(None).train()(LOGITS_TE)
+    dropless = worked_router(None).train().route(LOGITS_TE)
     assert dropless.capacity is None and dropless.ids_TK.tolist() == WANT_TOPK
 
 
@@ -89,9 +89,9 @@ def test_real_gumbel_noise_is_seeded_by_torch():
     router = DeepSpeedTop2Router(8, 4, None)
     x_TD = torch.randn(64, 8)
     torch.manual_seed(3)
-    a = router.eval()(x_TD).ids_TK
+    a = router.eval().route(x_TD).ids_TK
     torch.manual_seed(3)
-    b = router(x_TD).ids_TK
+    b = router.route(x_TD).ids_TK
     assert torch.equal(a, b) and (a[:, 0] != a[:, 1]).all()
     assert torch.equal(a[:, 0], router.logits(x_TD).argmax(-1))
 
@@ -99,7 +99,7 @@ def test_real_gumbel_noise_is_seeded_by_torch():
 def test_dropped_token_gets_zero_moe_output_in_the_layer():
     torch.manual_seed(0)
     pool = ExpertPool(3, 3, 5)
-    layer = MoELayer([Route(worked_router(), "experts")], [BalancingTerm("switch_aux", 0.01)], {"experts": pool}).train()
+    layer = MoELayer([Route(worked_router(), "experts")], [SwitchAux(0.01)], {"experts": pool}).train()
     out = layer(LOGITS_TE[None])
     assert out.hidden_states[0, 2].abs().max() == 0  # t2: both choices dropped, only the residual remains
     assert out.hidden_states[0, 3].abs().min() > 0

@@ -15,12 +15,12 @@ import torch
 from click.testing import CliRunner
 
 import moebuild
+from moebuild import build
+from moebuild.accounting import summarize
 from moebuild.cli import main
-from moebuild.compile import build
-from moebuild.moe.build import build_router
-from moebuild.moe.deepspeed import DeepSpeedTop2Router
+from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
+from moebuild.registry import build_module
 from moebuild.schemas.moe import RouterSpec
-from moebuild.summary import summarize
 
 ROUTERS = {cls.model_fields["type"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(RouterSpec)[0])}
 
@@ -36,7 +36,7 @@ def micro_overrides(router: dict) -> list[str]:
 def test_schema_facts_match_the_module(kind):
     cls = ROUTERS[kind]
     node = cls.model_validate(cls.example())
-    module = build_router(node, hidden_size=64, num_experts=4)
+    module = build_module(node, hidden_size=64, num_experts=4)
     assert sum(p.numel() for p in module.parameters()) == node.params(4, 64)
     assert 1 <= node.experts_per_token(4) <= 4
 

@@ -8,7 +8,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.routers import DenseRouter
+from moebuild.moe.routers.topk import DenseRouter
 
 
 def test_parameter_layout():
@@ -49,7 +49,7 @@ def test_shared_pool_of_two_equals_one_mlp_of_twice_the_width(backend):
     down_D2I = torch.cat([pool.down_proj[e] for e in range(E)], dim=1)
     x_TD = torch.randn(7, D)
     mlp = F.linear(F.silu(F.linear(x_TD, gate_2ID)) * F.linear(x_TD, up_2ID), down_D2I)
-    routing = DenseRouter(E)(x_TD)
+    routing = DenseRouter(E).route(x_TD)
     torch.testing.assert_close(pool(x_TD, routing.weights_TK, routing.ids_TK), mlp, rtol=1e-5, atol=1e-6)
 
 

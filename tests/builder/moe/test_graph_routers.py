@@ -6,13 +6,18 @@ import pytest
 import torch
 
 import moebuild
-from moebuild.compile import build
-from moebuild.moe.context import RoutingContext
-from moebuild.moe.contextual import ContextRouter, QueryRouter, neighbour_mean, preceding_text_mean
+from moebuild import build
+from moebuild.moe.batch import LayerCall
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.hierarchical import HierarchicalRouter, ModalityMixRouter
 from moebuild.moe.layer import MoELayer, Route
-from moebuild.moe.routers import TopKRouter
+from moebuild.moe.routers.contextual import (
+    ContextRouter,
+    QueryRouter,
+    neighbour_mean,
+    preceding_text_mean,
+)
+from moebuild.moe.routers.hierarchical import HierarchicalRouter, ModalityMixRouter
+from moebuild.moe.routers.topk import TopKRouter
 from moebuild.schemas import ModelSpec
 
 D, TEXT, IMAGE = 6, 0, 1
@@ -25,7 +30,7 @@ VALID_BS = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]).bool()
 def context(x_BSD=None, modality_BS=MODALITY_BS, valid_BS=VALID_BS):
     if x_BSD is None:
         x_BSD = torch.randn(*modality_BS.shape, D, generator=torch.Generator().manual_seed(0))
-    return RoutingContext(x_BSD, modality_BS, valid_BS & (modality_BS == TEXT), valid_BS & (modality_BS == IMAGE))
+    return LayerCall(x_BSD, modality_BS, valid_BS)
 
 
 def test_image_grid_and_token_graph():
@@ -104,7 +109,7 @@ def test_feature_routers_gate_on_token_and_context(kind):
     router = ContextRouter(gate, hops=1) if kind == "context" else QueryRouter(gate)
     ctx = context()
     index_R = torch.tensor([1, 2, 3, 4, 9])  # the image tokens
-    routing = router(ctx.x_TD[index_R], ctx, index_R)
+    routing = router(ctx.route(index_R))
     extra = (neighbour_mean(ctx.x_TD, ctx.edge_index_2N) if kind == "context"
              else preceding_text_mean(ctx.x_BSD, ctx.text_BS).reshape(-1, D))[index_R]
     w, ids = _topk_by_formula(gate.weight, torch.cat([ctx.x_TD[index_R], extra], -1), 2)
@@ -139,7 +144,7 @@ def test_hierarchical_matches_the_two_level_computation():
         w, local = p_in.topk(2)
         want = sum(p_group[g] * w[k] * expert(pool, groups[g][int(local[k])], x) for k in range(2))
         torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
-    joint = router(ctx.x_TD).probs_TE
+    joint = router.route(ctx.x_TD).probs_TE
     torch.testing.assert_close(joint.sum(-1), torch.ones(12))
 
 

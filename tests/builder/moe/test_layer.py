@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moebuild.moe.balancing import switch_aux, z_loss
+from moebuild.moe.balancing import LoadBalance, SwitchAux, ZLoss, switch_aux, z_loss
+from moebuild.moe.batch import IMAGE, TEXT
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.layer import IMAGE, TEXT, BalancingTerm, MoELayer, Route
-from moebuild.moe.routers import DenseRouter, TopKRouter
-from moebuild.moe.routing import Capacity
+from moebuild.moe.layer import MoELayer, Route
+from moebuild.moe.routers.base import Capacity
+from moebuild.moe.routers.topk import DenseRouter, TopKRouter
 
 D = 16
 
@@ -90,13 +91,13 @@ def test_padding_goes_through_experts_and_modality_defaults_to_text():
 
 
 def test_balancing_terms_are_scoped_and_skip_dense_routes():
-    terms = [BalancingTerm("switch_aux", 0.1, "text"), BalancingTerm("z_loss", 0.01), BalancingTerm("load_balance", 1.0, "image")]
+    terms = [SwitchAux(0.1, "text"), ZLoss(0.01), LoadBalance(1.0, "image")]
     layer = make_layer(terms)
     x_BSD, modality_BS, attention_mask_BS = inputs()
     out = layer(x_BSD, modality_BS, attention_mask_BS)
     x_TD, m_T, valid_T = x_BSD.reshape(-1, D), modality_BS.reshape(-1), attention_mask_BS.reshape(-1).bool()
     text, image = layer.routes[0].router, layer.routes[1].router
-    t_routing, i_routing = text(x_TD[m_T == TEXT]), image(x_TD[m_T == IMAGE])
+    t_routing, i_routing = text.route(x_TD[m_T == TEXT]), image.route(x_TD[m_T == IMAGE])
     t_valid, i_valid = valid_T[m_T == TEXT], valid_T[m_T == IMAGE]
     assert t_valid.sum() == 6 and not t_valid.all()  # padding is among the text tokens
     want_switch = 0.1 * switch_aux(t_routing.probs_TE, t_routing.topk_ids_TK, t_valid)
@@ -129,7 +130,7 @@ def test_router_stats():
     assert shared["all"]["load"].tolist() == [10, 10] and shared["image"]["load"].tolist() == [4, 4]
     assert shared["text"]["tokens"].item() == 6 and shared["image"]["experts_per_token"].item() == 2.0
     assert "entropy" not in shared["all"]
-    probs_TE = layer.routes[1].router(x_BSD.reshape(-1, D)[modality_BS.reshape(-1) == IMAGE]).probs_TE
+    probs_TE = layer.routes[1].router.route(x_BSD.reshape(-1, D)[modality_BS.reshape(-1) == IMAGE]).probs_TE
     p = probs_TE / probs_TE.sum(-1, keepdim=True)
     want = -(p * p.log()).sum(-1).mean()
     torch.testing.assert_close(stats["image->vision"]["image"]["entropy"], want)
@@ -137,7 +138,7 @@ def test_router_stats():
 
 
 def test_router_stats_only_when_asked():
-    layer = make_layer([BalancingTerm("switch_aux", 0.1, "text")])
+    layer = make_layer([SwitchAux(0.1, "text")])
     x_BSD, modality_BS, attention_mask_BS = inputs()
     asked = layer(x_BSD, modality_BS, attention_mask_BS)
     unasked = layer(x_BSD, modality_BS, attention_mask_BS, output_router_stats=False)
@@ -147,7 +148,7 @@ def test_router_stats_only_when_asked():
 
 
 def test_backward_reaches_routers_and_every_expert_weight():
-    layer = make_layer([BalancingTerm("switch_aux", 0.01)])
+    layer = make_layer([SwitchAux(0.01)])
     x_BSD, modality_BS, attention_mask_BS = inputs()
     out = layer(x_BSD, modality_BS, attention_mask_BS)
     (out.hidden_states.square().sum() + sum(out.aux_losses.values())).backward()
@@ -156,7 +157,7 @@ def test_backward_reaches_routers_and_every_expert_weight():
 
 
 def test_route_without_tokens():
-    layer = make_layer([BalancingTerm("switch_aux", 0.01, "image")])
+    layer = make_layer([SwitchAux(0.01, "image")])
     x_BSD = torch.randn(1, 4, D, requires_grad=True)
     out = layer(x_BSD)  # all text: the image route gets no tokens
     assert out.aux_losses["switch_aux"].item() == 0.0
@@ -209,5 +210,5 @@ def test_meta_build_and_construction_errors():
         MoELayer([Route(router, "experts"), Route(router, "experts")], [], pools)
     with pytest.raises(ValueError, match="unknown token selector"):
         Route(router, "experts", "audio")
-    with pytest.raises(ValueError, match="unknown balancing term"):
-        BalancingTerm("magic", 1.0)
+    with pytest.raises(ValueError, match="unknown token selector"):
+        SwitchAux(1.0, "audio")

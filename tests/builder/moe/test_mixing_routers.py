@@ -4,18 +4,16 @@ import math
 
 import torch
 
-from moebuild.moe.expert_choice import ExpertChoiceRouter
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.routing import RouteTokens
-from moebuild.moe.soft import SoftRouter
+from moebuild.moe.routers.expert_choice import ExpertChoiceRouter
+from moebuild.moe.routers.soft import SoftRouter
 
 
 def test_expert_choice_experts_pick_their_best_tokens():
     router = ExpertChoiceRouter(3, 3, capacity_factor=1.0)
     router.weight.data = torch.eye(3)
     logits_TE = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 3.0, 0.5], [0.0, 0.0, 4.0], [9.0, 9.0, 9.0]])
-    tokens = RouteTokens(torch.tensor([True, True, True, True, False]), torch.zeros(5, dtype=torch.long), 1)
-    routing = router(logits_TE, tokens)
+    routing = router.route(logits_TE, valid_T=torch.tensor([True, True, True, True, False]))
     # n = 4 real tokens, C = ceil(4 * 1.0 / 3) = 2 tokens per expert, chosen by softmax-over-experts score
     probs_TE = logits_TE.softmax(-1)
     assert routing.capacity == 2
@@ -48,8 +46,8 @@ def test_soft_moe_mixes_tokens_of_one_sequence_only():
     router.weight.data.normal_(0, 1.0)
     x_TD = torch.randn(7, D)
     seq, valid = [0, 0, 0, 1, 1, 1, 1], [True, True, True, True, True, True, False]
-    tokens = RouteTokens(torch.tensor(valid), torch.tensor(seq), 2)
-    routing = router(x_TD, tokens)
+    known = {"valid_T": torch.tensor(valid), "seq_T": torch.tensor(seq)}
+    routing = router.route(x_TD, **known)
     y_TD = routing.apply(pool, x_TD)
     want = soft_reference(router, pool, x_TD, seq, valid)
     torch.testing.assert_close(y_TD[:6], want[:6], rtol=1e-5, atol=1e-5)
@@ -60,5 +58,5 @@ def test_soft_moe_mixes_tokens_of_one_sequence_only():
     # a later token changes an earlier token's output (not causal, as documented)
     x2 = x_TD.clone()
     x2[2] += 1.0
-    assert not torch.allclose(router(x2, tokens).apply(pool, x2)[0], y_TD[0])
+    assert not torch.allclose(router.route(x2, **known).apply(pool, x2)[0], y_TD[0])
     assert math.isfinite(y_TD.sum().item())

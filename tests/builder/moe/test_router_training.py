@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moebuild
-from moebuild.compile import build
+from moebuild import build
 from moebuild.moe.layer import MoELayer
 
 ROUTERS = {

@@ -1,0 +1,140 @@
+"""Language families: which transformers pieces each decoder family is made of.
+
+One record per family, read by `moebuild.model.language`. The pieces are transformers' own classes
+(transformers 5.x `models/<family>/modeling_<family>.py`); what differs between families
+(norm kind, residual wiring, dropout placement, config field names, head bias) is data here.
+DeepSeek-V2 carries two attention kinds: MLA (transformers' DeepseekV2Attention) and the plain
+multi-head attention of DeepSeek-VL2-Tiny, which its reference code (deepseek-ai/DeepSeek-VL2,
+`modeling_deepseek.py`, ATTENTION_CLASSES["mha_eager"]) takes from transformers' LlamaAttention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import (
+    DeepseekV2Config,
+    LlamaConfig,
+    PhiConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    StableLmConfig,
+)
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds2
+from transformers.models.llama import modeling_llama as llama
+from transformers.models.phi import modeling_phi as phi
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.stablelm import modeling_stablelm as stablelm
+
+
+def _never(config: PretrainedConfig) -> bool:
+    return False
+
+
+def _always(config: PretrainedConfig) -> bool:
+    return True
+
+
+def _stablelm_parallel(config: PretrainedConfig) -> bool:
+    return bool(config.use_parallel_residual)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The transformers classes and config field names that make up one decoder family."""
+
+    config_cls: type[PretrainedConfig]
+    attention: dict[str, tuple[type[nn.Module], type[nn.Module]]]
+    """Attention kind ("mha" also serves gqa, or "mla") -> (attention class, rotary embedding class)."""
+    mlp_cls: type[nn.Module]
+    norm_cls: type[nn.Module]
+    eps_key: str
+    qkv_bias_key: str | None = None
+    """Config field switching the attention projection biases; None where the family fixes them."""
+    fixed_qkv_bias: bool | None = None
+    """The bias a family without a qkv_bias_key always has."""
+    parallel_residual: Callable[[PretrainedConfig], bool] = _never
+    """True: x + attn(ln(x)) + mlp(ln(x)) from one norm (GPT-NeoX / Phi); False: pre-norm sequential."""
+    final_norm_name: str = "norm"
+    lm_head_bias: bool = False
+    mlp_dropout_key: str | None = None
+    attn_dropout_key: str | None = None
+    embed_dropout_key: str | None = None
+    partial_rotary: bool = False
+    free_head_dim: bool = False
+    """Whether head_dim may differ from hidden_size // num_heads."""
+
+
+_LLAMA_MHA = (llama.LlamaAttention, llama.LlamaRotaryEmbedding)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        config_cls=LlamaConfig,
+        attention={"mha": _LLAMA_MHA},
+        mlp_cls=llama.LlamaMLP,
+        norm_cls=llama.LlamaRMSNorm,
+        eps_key="rms_norm_eps",
+        qkv_bias_key="attention_bias",
+        free_head_dim=True,
+    ),
+    "qwen2": Family(
+        config_cls=Qwen2Config,
+        attention={"mha": (qwen2.Qwen2Attention, qwen2.Qwen2RotaryEmbedding)},
+        mlp_cls=qwen2.Qwen2MLP,
+        norm_cls=qwen2.Qwen2RMSNorm,
+        eps_key="rms_norm_eps",
+        fixed_qkv_bias=True,
+        free_head_dim=True,
+    ),
+    "stablelm": Family(
+        config_cls=StableLmConfig,
+        attention={"mha": (stablelm.StableLmAttention, stablelm.StableLmRotaryEmbedding)},
+        mlp_cls=stablelm.StableLmMLP,
+        norm_cls=nn.LayerNorm,
+        eps_key="layer_norm_eps",
+        qkv_bias_key="use_qkv_bias",
+        parallel_residual=_stablelm_parallel,
+        mlp_dropout_key="hidden_dropout",
+        partial_rotary=True,
+    ),
+    "phi": Family(
+        config_cls=PhiConfig,
+        attention={"mha": (phi.PhiAttention, phi.PhiRotaryEmbedding)},
+        mlp_cls=phi.PhiMLP,
+        norm_cls=nn.LayerNorm,
+        eps_key="layer_norm_eps",
+        fixed_qkv_bias=True,
+        parallel_residual=_always,
+        final_norm_name="final_layernorm",
+        lm_head_bias=True,
+        mlp_dropout_key="resid_pdrop",
+        attn_dropout_key="resid_pdrop",
+        embed_dropout_key="embd_pdrop",
+        partial_rotary=True,
+    ),
+    "deepseek_v2": Family(
+        config_cls=DeepseekV2Config,
+        attention={"mha": _LLAMA_MHA, "mla": (ds2.DeepseekV2Attention, ds2.DeepseekV2RotaryEmbedding)},
+        mlp_cls=ds2.DeepseekV2MLP,
+        norm_cls=ds2.DeepseekV2RMSNorm,
+        eps_key="rms_norm_eps",
+        qkv_bias_key="attention_bias",
+        free_head_dim=True,
+    ),
+}
+
+
+def attention_kind(config: PretrainedConfig) -> str:
+    """"mla" for a DeepSeek-V2 config built with latent attention, else "mha".
+
+    `use_mla` is the field name DeepSeek-VL2's own config uses for the same switch.
+    """
+    return "mla" if getattr(config, "use_mla", False) else "mha"
+
+
+def get_family(family: str) -> Family:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown language family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family]

@@ -1,0 +1,170 @@
+"""Command-line overrides in Hydra's grammar (https://hydra.cc/docs/advanced/override_grammar/basic/).
+
+``a.b=1`` changes an existing key, ``+a.b=1`` adds a new one, ``++a.b=1`` sets it either way,
+``~a.b`` deletes it. Values are YAML flow (``moe.layers=[0,2]``, ``x=null``, ``p={a: 1}``);
+list items are addressed as ``routes.0.top_k`` or ``routes[0].top_k``. A mapping value merges
+into the existing mapping under the same rules as ``base:``. Every node an override writes is
+positioned at ``<override 'a.b=1'>``, so a later error names the override.
+A key the schema declares counts as existing even where the spec leaves it to its default,
+so ``moe.dispatch.backend=torch`` works on a spec that never wrote ``dispatch``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moebuild.spec.errors import (
+    Diagnostic,
+    SpecError,
+    SpecPath,
+    did_you_mean,
+    format_path,
+)
+from moebuild.spec.tree import DELETE, MAX_DEPTH, Node, Pos, merge, read_value
+
+_SEGMENT = re.compile(r"([A-Za-z_][\w-]*|\d+)((?:\[\d+\])*)")
+
+
+@dataclass(frozen=True)
+class Override:
+    text: str
+    op: str  # "=" change, "+" add, "++" set or add, "~" delete
+    path: SpecPath
+    value: Node | None
+
+    def pos(self, col: int = 1) -> Pos:
+        shown = self.text if len(self.text) <= 80 else f"{self.text[:60]}... ({len(self.text):,} characters)"
+        return Pos(f"<override {shown!r}>", 1, col)
+
+    def error(self, message: str, path: SpecPath | None = None) -> Diagnostic:
+        return self.pos().error(self.path if path is None else path, message)
+
+
+Declared = Callable[[Node, SpecPath], bool]
+"""Whether the schema has a key at this path of the tree (written or not)."""
+
+
+def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: list[Diagnostic],
+                    declared: Declared = lambda root, path: False) -> None:
+    """Apply each override to ``root`` in place; a bad one becomes a diagnostic and is skipped."""
+    for text in texts:
+        try:
+            override = parse_override(text)
+        except _BadOverride as bad:
+            problems.append(bad.diagnostic)
+            continue
+        _apply(root, override, problems, lambda path: declared(root, path))
+
+
+class _BadOverride(Exception):
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+def parse_override(text: str) -> Override:
+    op = next(p for p in ("++", "+", "~", "") if text.startswith(p))
+    key, eq, value_text = text[len(op):].partition("=")
+    blank = Override(text, op or "=", (), None)
+    path = _parse_key(key, blank)
+    if op == "~":
+        if eq:
+            raise _BadOverride(blank.error("'~key' deletes a key and takes no value", path))
+        return Override(text, op, path, None)
+    if not eq:
+        raise _BadOverride(blank.error(f"expected 'key=value', '+key=value', '++key=value' or '~key', got {text!r}"))
+    value_pos = blank.pos(len(op) + len(key) + 2)
+    try:
+        value = read_value(value_text, value_pos) if value_text else Node("", value_pos)
+    except SpecError as exc:
+        first = exc.diagnostics[0]
+        if first.message.startswith("not valid YAML"):
+            raise _BadOverride(value_pos.error(path, f"value {value_text!r} is {first.message}")) from None
+        raise _BadOverride(Diagnostic(first.file, first.line, first.col, (*path, *first.path), first.message)) from None
+    if value.tag == DELETE:
+        raise _BadOverride(blank.error(f"to delete a key write '~{key}'", path))
+    return Override(text, op or "=", path, value)
+
+
+def _parse_key(key: str, blank: Override) -> SpecPath:
+    path: list[str | int] = []
+    for segment in key.split("."):
+        match = _SEGMENT.fullmatch(segment)
+        if not match:
+            message = f"malformed key {key!r}; write keys as a.b.c, list items as a.0.b or a[0].b"
+            raise _BadOverride(blank.error(message))
+        head, indices = match.groups()
+        path.append(int(head) if head.isdigit() else head)
+        path.extend(int(i) for i in re.findall(r"\d+", indices))
+    if len(path) > MAX_DEPTH:
+        raise _BadOverride(blank.error(f"a key nests at most {MAX_DEPTH} levels"))
+    return tuple(path)
+
+
+def _apply(root: Node, ov: Override, problems: list[Diagnostic], declared: Callable[[SpecPath], bool]) -> None:
+    def absent(path: SpecPath) -> bool:
+        return ov.op == "~" or ov.op == "=" and not declared(path)
+
+    parent = root
+    for depth, key in enumerate(ov.path[:-1]):
+        child = _child(parent, key)
+        if child is None:
+            if absent(ov.path[: depth + 1]) or not isinstance(parent.value, dict):
+                problems.append(_missing(ov, parent, ov.path[: depth + 1]))
+                return
+            child = Node({}, ov.pos(), ov.pos())
+            parent.value[_key(parent, key)] = child
+        parent = child
+    last = ov.path[-1]
+    if not isinstance(parent.value, (dict, list)):
+        problems.append(ov.error(f"'{format_path(ov.path[:-1])}' is a scalar, not a mapping or list"))
+        return
+    existing = _child(parent, last)
+    if existing is None and absent(ov.path):
+        problems.append(_missing(ov, parent, ov.path))
+    elif existing is not None and ov.op == "+":
+        problems.append(ov.error(f"key already exists; to change it write '{ov.text[1:]}' "
+                                 f"(or '+{ov.text}' to set it either way)"))
+    elif ov.op == "~":
+        del parent.value[_key(parent, last)]
+    else:
+        _set(parent, last, existing, ov, problems)
+
+
+def _set(parent: Node, key: str | int, existing: Node | None, ov: Override,
+         problems: list[Diagnostic]) -> None:
+    value = merge(existing, ov.value, ov.path, problems)
+    value.key_pos = ov.pos()
+    if isinstance(parent.value, dict):
+        parent.value[_key(parent, key)] = value
+    elif existing is not None:
+        parent.value[key] = value
+    elif key == len(parent.value):
+        parent.value.append(value)
+    else:
+        size = len(parent.value)
+        problems.append(ov.error(f"no item {key}: the list has {size} items (a new one goes at {size})"))
+
+
+def _key(parent: Node, key: str | int) -> str | int:
+    """In a mapping, ``a.0`` names the key '0' unless the mapping has an integer key 0."""
+    return key if isinstance(parent.value, list) or key in parent.value else str(key)
+
+
+def _child(parent: Node, key: str | int) -> Node | None:
+    if isinstance(parent.value, dict):
+        return parent.value.get(_key(parent, key))
+    if isinstance(parent.value, list) and isinstance(key, int) and 0 <= key < len(parent.value):
+        return parent.value[key]
+    return None
+
+
+def _missing(ov: Override, parent: Node, path: SpecPath) -> Diagnostic:
+    if isinstance(parent.value, list):
+        return ov.error(f"no item {path[-1]}: the list has {len(parent.value)} items", path)
+    if not isinstance(parent.value, dict):
+        return ov.error(f"'{format_path(path[:-1])}' is a scalar, not a mapping or list", path)
+    hint = did_you_mean(path[-1], parent.value)
+    add = f" (to add a key, write '+{ov.text}')" if ov.op == "=" else ""
+    return ov.error(f"no such key{hint}{add}", path)
