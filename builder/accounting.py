@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moebuild.schemas import ModelSpec
+from moebuild.schemas.families import FAMILIES
 
 DEFAULT_CONTEXT = 2048
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float8": 1, "int8": 1}
@@ -194,31 +195,6 @@ def connector_component(connector, vision_hidden: int, hidden: int, tiling=None)
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What of a transformers family's parameter layout the numbers of the spec do not say."""
-
-    norm_size: int
-    """Parameters per norm width: 1 for RMSNorm (weight), 2 for LayerNorm (weight and bias)."""
-    norms_per_layer: int
-    fixed_qkv_bias: bool | None
-    """The q/k/v bias the family always has; None = the spec's qkv_bias (default false)."""
-    o_bias_follows_qkv: bool
-    """Llama/DeepSeek `attention_bias` also puts a bias on o_proj; Phi's dense always has one."""
-    free_head_dim: bool
-    gated_ffn: bool = True
-    lm_head_bias: bool = False
-
-
-_LAYOUTS = {
-    "llama": _Layout(1, 2, None, True, True),
-    "qwen2": _Layout(1, 2, True, False, True),
-    "stablelm": _Layout(2, 2, None, False, False),
-    "phi": _Layout(2, 1, True, True, False, gated_ffn=False, lm_head_bias=True),
-    "deepseek_v2": _Layout(1, 2, None, True, True),
-}
-
-
-@dataclass(frozen=True)
 class _Attention:
     params: int
     weights: int
@@ -230,12 +206,12 @@ class _Attention:
 
 
 def _head_dim(lang) -> int:
-    free = _LAYOUTS[lang.type].free_head_dim
+    free = FAMILIES[lang.type].free_head_dim
     return lang.head_dim if free and lang.head_dim else lang.hidden_size // lang.num_heads
 
 
 def _qkv_bias(lang) -> bool:
-    fixed = _LAYOUTS[lang.type].fixed_qkv_bias
+    fixed = FAMILIES[lang.type].fixed_qkv_bias
     return fixed if fixed is not None else bool(lang.qkv_bias)
 
 
@@ -244,7 +220,7 @@ def _mha(lang) -> _Attention:
     h, hd, heads, kv = lang.hidden_size, _head_dim(lang), lang.num_heads, lang.num_kv_heads or lang.num_heads
     weights = 2 * h * heads * hd + 2 * h * kv * hd
     qkv_bias = _qkv_bias(lang)
-    o_bias = qkv_bias and _LAYOUTS[lang.type].o_bias_follows_qkv
+    o_bias = qkv_bias and FAMILIES[lang.type].o_bias_follows_qkv
     biases = (heads * hd + 2 * kv * hd if qkv_bias else 0) + (h if o_bias else 0)
     return _Attention(weights + biases, weights, heads * 2 * hd, 2 * kv * hd)
 
@@ -278,7 +254,7 @@ def _ffn_params(hidden: int, intermediate: int, gated: bool, bias: bool) -> tupl
 
 
 def _dense_ffn(lang) -> tuple[int, int]:
-    gated = _LAYOUTS[lang.type].gated_ffn  # Phi's fc1/fc2 carry biases; the gated families' MLPs none
+    gated = FAMILIES[lang.type].gated_ffn  # Phi's fc1/fc2 carry biases; the gated families' MLPs none
     return _ffn_params(lang.hidden_size, lang.intermediate_size, gated, bias=not gated)
 
 
@@ -299,12 +275,12 @@ def _moe_parts(spec: ModelSpec, modality: str) -> dict[str, Part]:
 
 
 def language_component(spec: ModelSpec, modality: str, context: int = DEFAULT_CONTEXT) -> Component:
-    lang, layout = spec.language, _LAYOUTS[spec.language.type]
+    lang, layout = spec.language, FAMILIES[spec.language.type]
     h, vocab, n = lang.hidden_size, lang.vocab_size, lang.num_layers
     n_dense = n - len(spec.moe_layers())
     attn = _attention(lang)
     ffn, ffn_weights = _dense_ffn(lang)
-    norms = (n * layout.norms_per_layer + 1) * layout.norm_size * h
+    norms = (n * layout.norms_per_layer + 1) * layout.norm_params * h
     lm_head = (0 if lang.tie_word_embeddings else h * vocab) + (vocab if layout.lm_head_bias else 0)
     parts = {
         "embedding": _fixed(vocab * h),
@@ -382,47 +358,3 @@ PUBLISHED = {
     ),
 }
 """Published counting conventions by key; `summary --json` reports each under `published`."""
-
-
-# ---------------------------------------------------------------- plain-text table
-
-
-def _scaled(value: float, units: list[str], base: int) -> str:
-    for unit in units[:-1]:
-        if abs(value) < base:
-            return f"{value:.3g} {unit}".rstrip()
-        value /= base
-    return f"{value:.3g} {units[-1]}"
-
-
-def _bytes(n: int) -> str:
-    return _scaled(n, ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
-
-
-def _count(n: int) -> str:
-    return _scaled(n, ["", "K", "M", "G", "T"], 1000)
-
-
-def format_table(summary: Summary) -> str:
-    """The summary as aligned plain text, for `moebuild summary` and `moebuild compile`."""
-    rows = [(summary.name, "params", "active")]
-    for name, component in summary.components.items():
-        rows.append((name, f"{component.total:,}", f"{component.active:,}"))
-        rows += [(f"  {part_name}", f"{p.total:,}", f"{p.active:,}") for part_name, p in component.parts.items()]
-    rows.append(("total", f"{summary.total_params:,}", f"{summary.active_params:,}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    memory = " | ".join(f"{dtype} {_bytes(n)}" for dtype, n in summary.memory_bytes().items())
-    kv = " | ".join(f"{dtype} {_bytes(n)}" for dtype, n in summary.kv_cache_bytes_per_token().items())
-    lines += [
-        f"active modality: {summary.active_modality}",
-        f"FLOPs per token (context {summary.context}): {_count(summary.flops_per_token)}",
-        f"weights: {memory}",
-        f"KV cache per token: {kv}",
-        summary.counting,
-    ]
-    for convention in PUBLISHED.values():
-        figures = convention.figures(summary)
-        lines.append(f"as {convention.system} counts: {_count(figures['total'])} total, "
-                     f"{_count(figures['activated'])} activated")
-    return "\n".join(lines)

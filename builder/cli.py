@@ -193,11 +193,11 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
       moebuild summary micro-deepseek-vl2
       moebuild summary my_model.yaml --json | jq .active_params
     """
-    from moebuild.accounting import format_table, summarize
+    from moebuild.accounting import summarize
     from moebuild.spec.loading import load_spec
 
     report = summarize(load_spec(spec, overrides), context=context)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_table(report))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else summary_table(report))
 
 
 @main.command("compile")
@@ -225,7 +225,7 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
       moebuild compile my_model.yaml -o out/m --set moe.pools.experts.num_experts=8 --dtype bfloat16
       moebuild compile deepseek-vl2-tiny -o out/tiny --device meta
     """
-    from moebuild.accounting import format_table, summarize
+    from moebuild.accounting import summarize
     from moebuild.output import OutputError, check_output
     from moebuild.spec.errors import BuildError
     from moebuild.spec.loading import load_spec
@@ -247,7 +247,7 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     except (ValueError, OSError, MemoryError, RuntimeError) as exc:
         # allocation failures, safetensors header errors, transformers' config validators...
         raise click.ClickException(f"{spec}: {_first_line(exc)}") from None
-    click.echo(format_table(summarize(parsed)))
+    click.echo(summary_table(summarize(parsed)))
     click.echo(f"wrote {output}" + (" (config and spec only: built on meta)" if device == "meta" else ""))
 
 
@@ -319,6 +319,49 @@ def bench(what, experts, top_k, hidden, intermediate, shared_experts, tokens, ba
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(to_json(cfg, results, device, getattr(torch, dtype)), indent=2) if as_json
                else format_table(cfg, results))
+
+
+def _scaled(value: float, units: list[str], base: int) -> str:
+    for unit in units[:-1]:
+        if abs(value) < base:
+            return f"{value:.3g} {unit}".rstrip()
+        value /= base
+    return f"{value:.3g} {units[-1]}"
+
+
+def _bytes(n: int) -> str:
+    return _scaled(n, ["B", "KiB", "MiB", "GiB", "TiB"], 1024)
+
+
+def _count(n: int) -> str:
+    return _scaled(n, ["", "K", "M", "G", "T"], 1000)
+
+
+def summary_table(summary) -> str:
+    """A `moebuild.accounting.Summary` as aligned plain text, for `moebuild summary` and `moebuild compile`."""
+    from moebuild.accounting import PUBLISHED
+
+    rows = [(summary.name, "params", "active")]
+    for name, component in summary.components.items():
+        rows.append((name, f"{component.total:,}", f"{component.active:,}"))
+        rows += [(f"  {part_name}", f"{p.total:,}", f"{p.active:,}") for part_name, p in component.parts.items()]
+    rows.append(("total", f"{summary.total_params:,}", f"{summary.active_params:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    memory = " | ".join(f"{dtype} {_bytes(n)}" for dtype, n in summary.memory_bytes().items())
+    kv = " | ".join(f"{dtype} {_bytes(n)}" for dtype, n in summary.kv_cache_bytes_per_token().items())
+    lines += [
+        f"active modality: {summary.active_modality}",
+        f"FLOPs per token (context {summary.context}): {_count(summary.flops_per_token)}",
+        f"weights: {memory}",
+        f"KV cache per token: {kv}",
+        summary.counting,
+    ]
+    for convention in PUBLISHED.values():
+        figures = convention.figures(summary)
+        lines.append(f"as {convention.system} counts: {_count(figures['total'])} total, "
+                     f"{_count(figures['activated'])} activated")
+    return "\n".join(lines)
 
 
 def spec_json_schema() -> dict:

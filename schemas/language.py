@@ -16,14 +16,9 @@ from moebuild.schemas.base import (
     VocabSize,
     Width,
 )
+from moebuild.schemas.families import FAMILIES, LanguageFamily
 
-LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
-
-# What each transformers family can be told (mirrors moebuild.model.families, which imports
-# transformers and so cannot be read here): the spec refuses what the build would refuse.
-PARTIAL_ROTARY_FAMILIES = {"stablelm", "phi"}
-FIXED_HEAD_DIM_FAMILIES = {"stablelm", "phi"}
-ALWAYS_QKV_BIAS_FAMILIES = {"qwen2", "phi"}
+_PARTIAL_ROTARY = sorted(name for name, facts in FAMILIES.items() if facts.partial_rotary)
 
 
 class MultiHeadAttentionSpec(SpecModel):
@@ -109,10 +104,11 @@ class LanguageSpec(SpecModel):
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {kv}")
         if self.attention.type == "mha" and kv != self.num_heads:
             raise ValueError(f"mha attention needs num_kv_heads == num_heads ({self.num_heads}); use type: gqa")
-        if self.partial_rotary_factor is not None and self.type not in PARTIAL_ROTARY_FAMILIES:
-            raise ValueError(f"partial_rotary_factor is only for {' and '.join(sorted(PARTIAL_ROTARY_FAMILIES))}, not {self.type}")
-        if self.type in FIXED_HEAD_DIM_FAMILIES and self.head_dim not in (None, self.hidden_size // self.num_heads):
+        facts = FAMILIES[self.type]
+        if self.partial_rotary_factor is not None and not facts.partial_rotary:
+            raise ValueError(f"partial_rotary_factor is only for {' and '.join(_PARTIAL_ROTARY)}, not {self.type}")
+        if not facts.free_head_dim and self.head_dim not in (None, self.hidden_size // self.num_heads):
             raise ValueError(f"{self.type} fixes head_dim to hidden_size / num_heads ({self.hidden_size // self.num_heads})")
-        if self.qkv_bias is False and self.type in ALWAYS_QKV_BIAS_FAMILIES:
+        if self.qkv_bias is False and facts.fixed_qkv_bias:
             raise ValueError(f"{self.type} always has qkv biases; remove qkv_bias: false")
         return self

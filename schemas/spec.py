@@ -14,6 +14,7 @@ from moebuild.schemas.base import (
     did_you_mean,
 )
 from moebuild.schemas.connector import ConnectorSpec
+from moebuild.schemas.families import FAMILIES
 from moebuild.schemas.language import LanguageSpec
 from moebuild.schemas.moe import MoESpec, moe_layer_indices
 from moebuild.schemas.training import TRAINABLE_ROOTS, TrainingSpec
@@ -75,7 +76,7 @@ class ModelSpec(SpecModel):
 
 def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     lang = spec.language
-    if lang.attention.type == "mla" and lang.type != "deepseek_v2":
+    if lang.attention.type == "mla" and not FAMILIES[lang.type].mla:
         return [(("language", "attention", "type"), f"mla attention needs language type deepseek_v2, got {lang.type}")]
     return []
 

@@ -1,8 +1,10 @@
 """Language families: which transformers pieces each decoder family is made of.
 
 One record per family, read by `moebuild.model.language`. The pieces are transformers' own classes
-(transformers 5.x `models/<family>/modeling_<family>.py`); what differs between families
-(norm kind, residual wiring, dropout placement, config field names, head bias) is data here.
+(transformers 5.x `models/<family>/modeling_<family>.py`); what differs between families (norm
+class, residual wiring, dropout placement, config field names) is data here, and the torch-free
+facts (head bias, head_dim, partial rotary, ...) are `facts`, read from `moebuild.schemas.families`
+so that the spec, the accounting and the builder share one table.
 DeepSeek-V2 carries two attention kinds: MLA (transformers' DeepseekV2Attention) and the plain
 multi-head attention of DeepSeek-VL2-Tiny, which its reference code (deepseek-ai/DeepSeek-VL2,
 `modeling_deepseek.py`, ATTENTION_CLASSES["mha_eager"]) takes from transformers' LlamaAttention.
@@ -28,6 +30,9 @@ from transformers.models.phi import modeling_phi as phi
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
 from transformers.models.stablelm import modeling_stablelm as stablelm
 
+from moebuild.schemas.families import FAMILIES as FACTS
+from moebuild.schemas.families import FamilyFacts
+
 
 def _never(config: PretrainedConfig) -> bool:
     return False
@@ -45,6 +50,7 @@ def _stablelm_parallel(config: PretrainedConfig) -> bool:
 class Family:
     """The transformers classes and config field names that make up one decoder family."""
 
+    facts: FamilyFacts
     config_cls: type[PretrainedConfig]
     attention: dict[str, tuple[type[nn.Module], type[nn.Module]]]
     """Attention kind ("mha" also serves gqa, or "mla") -> (attention class, rotary embedding class)."""
@@ -53,42 +59,36 @@ class Family:
     eps_key: str
     qkv_bias_key: str | None = None
     """Config field switching the attention projection biases; None where the family fixes them."""
-    fixed_qkv_bias: bool | None = None
-    """The bias a family without a qkv_bias_key always has."""
     parallel_residual: Callable[[PretrainedConfig], bool] = _never
     """True: x + attn(ln(x)) + mlp(ln(x)) from one norm (GPT-NeoX / Phi); False: pre-norm sequential."""
     final_norm_name: str = "norm"
-    lm_head_bias: bool = False
     mlp_dropout_key: str | None = None
     attn_dropout_key: str | None = None
     embed_dropout_key: str | None = None
-    partial_rotary: bool = False
-    free_head_dim: bool = False
-    """Whether head_dim may differ from hidden_size // num_heads."""
 
 
 _LLAMA_MHA = (llama.LlamaAttention, llama.LlamaRotaryEmbedding)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
+        facts=FACTS["llama"],
         config_cls=LlamaConfig,
         attention={"mha": _LLAMA_MHA},
         mlp_cls=llama.LlamaMLP,
         norm_cls=llama.LlamaRMSNorm,
         eps_key="rms_norm_eps",
         qkv_bias_key="attention_bias",
-        free_head_dim=True,
     ),
     "qwen2": Family(
+        facts=FACTS["qwen2"],
         config_cls=Qwen2Config,
         attention={"mha": (qwen2.Qwen2Attention, qwen2.Qwen2RotaryEmbedding)},
         mlp_cls=qwen2.Qwen2MLP,
         norm_cls=qwen2.Qwen2RMSNorm,
         eps_key="rms_norm_eps",
-        fixed_qkv_bias=True,
-        free_head_dim=True,
     ),
     "stablelm": Family(
+        facts=FACTS["stablelm"],
         config_cls=StableLmConfig,
         attention={"mha": (stablelm.StableLmAttention, stablelm.StableLmRotaryEmbedding)},
         mlp_cls=stablelm.StableLmMLP,
@@ -97,31 +97,28 @@ FAMILIES: dict[str, Family] = {
         qkv_bias_key="use_qkv_bias",
         parallel_residual=_stablelm_parallel,
         mlp_dropout_key="hidden_dropout",
-        partial_rotary=True,
     ),
     "phi": Family(
+        facts=FACTS["phi"],
         config_cls=PhiConfig,
         attention={"mha": (phi.PhiAttention, phi.PhiRotaryEmbedding)},
         mlp_cls=phi.PhiMLP,
         norm_cls=nn.LayerNorm,
         eps_key="layer_norm_eps",
-        fixed_qkv_bias=True,
         parallel_residual=_always,
         final_norm_name="final_layernorm",
-        lm_head_bias=True,
         mlp_dropout_key="resid_pdrop",
         attn_dropout_key="resid_pdrop",
         embed_dropout_key="embd_pdrop",
-        partial_rotary=True,
     ),
     "deepseek_v2": Family(
+        facts=FACTS["deepseek_v2"],
         config_cls=DeepseekV2Config,
         attention={"mha": _LLAMA_MHA, "mla": (ds2.DeepseekV2Attention, ds2.DeepseekV2RotaryEmbedding)},
         mlp_cls=ds2.DeepseekV2MLP,
         norm_cls=ds2.DeepseekV2RMSNorm,
         eps_key="rms_norm_eps",
         qkv_bias_key="attention_bias",
-        free_head_dim=True,
     ),
 }
 

@@ -50,14 +50,14 @@ def _head_kwargs(family: str, fam: Family, attention: dict, hidden_size: int, nu
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     default_dim = hidden_size // num_heads
-    if head_dim not in (None, default_dim) and not fam.free_head_dim:
+    if head_dim not in (None, default_dim) and not fam.facts.free_head_dim:
         raise ValueError(f"family {family!r} fixes head_dim to hidden_size // num_heads = {default_dim}")
     head_dim = head_dim or default_dim
     if "mla" in fam.attention:
         # DeepseekV2Config derives head_dim from qk_rope_head_dim; LlamaAttention then reads head_dim.
         return {"use_mla": False, "q_lora_rank": None, "qk_rope_head_dim": head_dim,
                 "qk_nope_head_dim": 0, "v_head_dim": head_dim}
-    return {"head_dim": head_dim} if fam.free_head_dim else {}
+    return {"head_dim": head_dim} if fam.facts.free_head_dim else {}
 
 
 def make_hf_config(family: str, *, hidden_size: int, num_layers: int, num_heads: int,
@@ -87,15 +87,15 @@ def make_hf_config(family: str, *, hidden_size: int, num_layers: int, num_heads:
     if rope_theta is not None:
         kwargs["rope_theta"] = rope_theta
     if partial_rotary_factor is not None:
-        if not fam.partial_rotary:
+        if not fam.facts.partial_rotary:
             raise ValueError(f"family {family!r} has no partial rotary embedding")
         kwargs["partial_rotary_factor"] = partial_rotary_factor
     if norm_eps is not None:
         kwargs[fam.eps_key] = norm_eps
     if fam.qkv_bias_key is not None and qkv_bias is not None:
         kwargs[fam.qkv_bias_key] = qkv_bias
-    elif qkv_bias is not None and qkv_bias != fam.fixed_qkv_bias:
-        raise ValueError(f"family {family!r} always has qkv_bias={fam.fixed_qkv_bias}")
+    elif qkv_bias is not None and qkv_bias != fam.facts.fixed_qkv_bias:
+        raise ValueError(f"family {family!r} always has qkv_bias={fam.facts.fixed_qkv_bias}")
     return fam.config_cls(**(kwargs | family_extras))
 
 
@@ -218,7 +218,7 @@ class LanguageModel(nn.Module):
         self.family = family
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.model = DecoderStack(hf_config, fam, ffn_factory)
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=fam.lm_head_bias)
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=fam.facts.lm_head_bias)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if dtype is not None:

@@ -30,9 +30,11 @@ BACKENDS: dict[str, DispatchFn] = {
     "triton": triton_dispatch,
 }
 
-# device type -> backend used by "auto"; any device not listed uses AUTO_DEFAULT.
-AUTO: dict[str, str] = {}  # {"cuda": "triton"} once the kernels are verified on a GPU
-AUTO_DEFAULT = "torch"
+
+def auto_backend(device: torch.device) -> str:
+    """The backend "auto" picks on a device: the torch path everywhere until the Triton kernels are
+    verified natively on a GPU (then "triton" on CUDA)."""
+    return "torch"
 
 
 def check_backend(name: str) -> str:
@@ -48,5 +50,5 @@ def runs_on(name: str, device: torch.device) -> bool:
 
 def get_dispatch(name: str, device: torch.device) -> DispatchFn:
     if name == "auto":
-        name = AUTO.get(device.type, AUTO_DEFAULT)
+        name = auto_backend(device)
     return BACKENDS[check_backend(name)]

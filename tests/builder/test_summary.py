@@ -30,7 +30,8 @@ from transformers import (
     StableLmForCausalLM,
 )
 
-from moebuild.accounting import BYTES_PER_DTYPE, format_table, summarize
+from moebuild.accounting import BYTES_PER_DTYPE, summarize
+from moebuild.cli import summary_table
 from moebuild.model.compat import CACHE_NAME
 from moebuild.model.connectors import CONNECTORS
 from moebuild.model.tiling import TiledConnector
@@ -296,7 +297,7 @@ def test_json_keys_and_table():
     for name in ("vision", "connector", "language"):
         assert data["components"][name]["total"] == summary.components[name].total
     assert set(data) >= {"flops_per_token", "memory", "kv_cache_bytes_per_token", "counting", "context"}
-    table = format_table(summary).splitlines()
+    table = summary_table(summary).splitlines()
     assert table[0].split() == ["micro-moe-llava", "params", "active"]
     assert f"total {summary.total_params:,} {summary.active_params:,}" in [" ".join(line.split()) for line in table]
     assert f"language {summary.language.total:,} {summary.language.active:,}" in [" ".join(l.split()) for l in table]
