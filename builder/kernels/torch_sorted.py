@@ -6,39 +6,19 @@ projections and for the backward, run each expert on its contiguous slice, then 
 K weighted outputs. Registered through `ops.define_experts_op`, so `torch.compile` sees one
 opaque op and autograd one node for the whole pool.
 
-Choices, and what was measured for them on the project's 2-core CPU (torch 2.13, fp32), with
-other processes on the same cores:
-- Per-expert `mm` on 2-D views of the stacked weights, not `F.grouped_mm`: grouped_mm was a tie
-  at best on CPU (cpu-dispatch-notes.md finding 2), needs 16-byte-aligned strides and rejects
-  stride-0 gradients (finding 3). The weights are never indexed through autograd (finding 1).
-- One custom op for the whole pool, with a hand-written backward: each expert's matmuls write
-  with `out=` into one [A, .] buffer and the weight gradients straight into one [E, ...] tensor,
-  so there is no `cat` of chunks and no per-expert `unbind` backward.
-- Experts spread over single-threaded workers (`run_experts`): config B's layer (2048 tokens,
-  fwd+bwd) went from 5.6x to 1.4x the dense equivalent under the same load.
-- The backward keeps only the pre-activation `h_AR` and recomputes the activation per expert
-  (cache-hot), and gathers the input again rather than keeping it.
-- Everything per row happens inside the expert's task, on its N rows while they are in cache:
-  the gathers of x and of the incoming gradient, the gate weighting, the gate-weight gradient.
-  The only A-row buffers are the saved `h_AR`, the weighted outputs and the input gradient
-  before their scatter-add, advised to huge pages from 32 MiB up (`memory.py`). Config B, fwd+bwd
-  of the routed pool alone, time beyond its matmuls: 140 + 500 ms at 2048 tokens with A-row
-  gathers and plain pages, 25-70 + 160-250 ms now; at 8192 tokens the backward went from 3650
-  to 2530 ms (medians of 5 to 15, interleaved in one process).
-- The expert outputs are not kept: the gate-weight gradient <dy, y> is computed as <dy W_out, a>
-  from the recomputed activation, which halves what a layer saves for the backward at config B
-  (A x 2I floats, not A x (2I + D)).
-- Decode steps (no autograd, under 64 kept slots) skip the sorted op where its workers would
-  not run: `few_tokens_forward`, `grouped_forward`.
-
-Where the time goes (fwd+bwd, 2048 tokens; BENCHMARKS.md): the matmuls alone, run per expert on
-each expert's rows, take about 1.04-1.08x (config A) and 1.06-1.18x (config B) the dense
-equivalent's on one core (`benchmarks/gemm_floor.py`, a few runs: smaller matmuls run at a lower
-rate). On top of that come the activation passes, gathers and scatter-adds, and the kernel
-zeroing fresh pages for the weight gradients (384 MB at config B, 8x the dense layer's) and the
-A-row buffers every step (glibc maps 32 MiB and more anew each time); on the project's VM that
-costs most right after other code has freed a lot of memory, which the guest kernel hands back
-to the host.
+Choices (the measurements behind each are in BENCHMARKS.md, "Why the CPU path is built this way"):
+- Per-expert `mm` on 2-D views of the stacked weights, not `F.grouped_mm` (no faster on CPU, and
+  it needs aligned strides and contiguous gradients); the weights are never indexed through autograd.
+- One custom op for the whole pool with a hand-written backward: the matmuls write with `out=`
+  into one [A, .] buffer and the weight gradients straight into one [E, ...] tensor.
+- Experts spread over single-threaded workers (`run_experts`) rather than every thread on each
+  expert's small matmuls.
+- The backward keeps only the pre-activation `h_AR`, recomputes the activation per expert and
+  gathers the input again; everything per row happens inside the expert's task while its rows are
+  in cache; the gate-weight gradient <dy, y> is computed as <dy W_out, a>, so expert outputs are
+  not kept.
+- Decode steps (no autograd, few kept slots) skip the sorted op where its workers would not run:
+  `few_tokens_forward`, `grouped_forward`.
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
@@ -118,6 +98,10 @@ def activate_backward(h_NR: Tensor, grad_NI: Tensor, gated: bool, activation: st
     return act_NI.mul_(up_NI), grad_NR
 
 
+# One pool of single-threaded workers per intra-op thread count, made on first use and joined at
+# exit. Per-call workers measured 10-15 ms slower per fwd+bwd (config A, 32 tokens: 97-109 ms
+# against 85-91 ms), a thread's first torch call being slow.
+_WORKERS: dict[int, ThreadPoolExecutor] = {}
 # The experts go to the worker threads from this many rows in all, or, with fewer (decode), from
 # this many bytes of expert weights to read (with a row or two per expert, each expert's work is
 # streaming its weights once, and two threads stream twice as fast).
@@ -144,8 +128,9 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
     forward): 2 threads inside each mm 1376-2578 ms, experts over 2 single-threaded workers
     894-1066 ms. Each matmul's parallel region ends at a barrier that waits for a preempted
     thread; the workers take experts from a queue (largest first) and never wait on each other.
-    Each worker runs on one intra-op thread; the caller's setting is left alone. The loop stays plain where
-    `workers_pay` says so: on one thread, with fewer experts than twice the threads, or with little
+    The caller's intra-op threads are set to 1 for the loop and restored after: left at 2, its
+    OpenMP team spins beside the workers (config A, 32 tokens, fwd+bwd: 152 ms instead of 88).
+    The loop stays plain where `workers_pay` says so: on one thread, with fewer experts than twice the threads, or with little
     work (config B, 1 token, forward: 10.1 ms with the workers, 6.6 ms without). `w_in_ERD` and
     `w_out_EDI`: the pool's weights, for their size and device.
     """
@@ -153,11 +138,16 @@ def run_experts(expert: Callable[[int, int, int], None], spans: list[tuple[int, 
         for span in spans:
             expert(*span)
         return
-    largest_first = sorted(spans, key=lambda span: span[1] - span[2])
-    # Workers of this call only (started in ~0.1 ms, gone when it returns), each on one intra-op thread.
-    with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads, initargs=(1,)) as workers:
-        for future in [workers.submit(_without_grad, expert, *span) for span in largest_first]:
+    threads = torch.get_num_threads()
+    if threads not in _WORKERS:
+        _WORKERS[threads] = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
+    torch.set_num_threads(1)
+    try:
+        largest_first = sorted(spans, key=lambda span: span[1] - span[2])
+        for future in [_WORKERS[threads].submit(_without_grad, expert, *span) for span in largest_first]:
             future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _without_grad(expert: Callable[[int, int, int], None], *span: int) -> None:

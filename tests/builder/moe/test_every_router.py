@@ -20,7 +20,7 @@ from moebuild.accounting import summarize
 from moebuild.cli import main
 from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
 from moebuild.registry import build_module
-from moebuild.schemas.moe import RouterSpec
+from moebuild.schemas import RouterSpec
 
 ROUTERS = {cls.model_fields["type"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(RouterSpec)[0])}
 
