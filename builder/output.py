@@ -13,7 +13,7 @@ next run to the same output removes once its process is gone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import glob
 import json
 import os
 import secrets
@@ -58,13 +58,17 @@ def check_output(output: Path, force: bool) -> None:
 
 
 def files_not_written_by_moebuild(directory: Path) -> list[str]:
-    """Paths under `directory` that its marker does not list (all of them without a valid marker)."""
-    present = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if not p.is_dir())
+    """Entries under `directory` (files, links, directories) that its marker does not account for:
+    all of them without a valid marker. A directory counts as written only when it holds a written file."""
+    present = []
+    for root, dirs, files in os.walk(directory):  # links are entries here, never followed
+        present += [os.path.relpath(os.path.join(root, name), directory) for name in (*dirs, *files)]
     try:
-        written = set(json.loads((directory / MARKER).read_text())["files"])
+        written = set(json.loads((directory / MARKER).read_text())["files"]) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):
-        return present
-    return [p for p in present if p != MARKER and p not in written]
+        return sorted(present)
+    holding = {str(parent) for name in written for parent in Path(name).parents if str(parent) != "."}
+    return sorted(p for p in present if p not in written and (p not in holding or (directory / p).is_symlink()))
 
 
 def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = False) -> None:
@@ -117,7 +121,7 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
 def _remove_abandoned(parent: Path, name: str) -> None:
     """Staging and replaced directories of runs whose process is gone (killed mid-way)."""
     for prefix in (_STAGING.format(name=name), _REPLACED.format(name=name)):
-        for path in parent.glob(prefix + "*"):
+        for path in parent.glob(glob.escape(prefix) + "*"):
             pid = path.name[len(prefix):].split("-", 1)[0]
             if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
@@ -135,7 +139,13 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on a directory, so two runs never check and rename at the same time."""
+    """An exclusive lock on a directory, so two runs never check and rename at the same time. Where
+    there is no flock (Windows) the rename alone still refuses to replace a directory with content."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -125,11 +125,11 @@ class MoESpec(SpecModel):
 
     layers: LayerPattern = "all"
     """Layers whose FFN becomes an MoE layer: all | every_other (0, 2, ...) | first_half | second_half | {first_k_dense: k} | [indices]."""
-    pools: dict[str, PoolSpec] = Field(min_length=1)
+    pools: dict[str, PoolSpec] = Field(min_length=1, max_length=64)
     """Named expert pools."""
-    routes: list[RouteSpec] = Field(min_length=1)
+    routes: list[RouteSpec] = Field(min_length=1, max_length=64)
     """The routing graph; a token matched by several routes gets the sum of their outputs."""
-    balancing: list[BalancingSpec] = []
+    balancing: list[BalancingSpec] = Field(default=[], max_length=32)
     """Balancing terms added to the loss, each over its tokens."""
     dispatch: DispatchSpec = DispatchSpec()
     """Expert dispatch backend."""

@@ -21,6 +21,12 @@ def bomb(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_bomb(levels: int = 9) -> str:
+    lines = [BASE, "x:", "  a0: &a0 {}"]
+    lines += [f"  a{i}: &a{i} {{<<: [" + ", ".join([f"*a{i - 1}"] * 10) + "]}" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 def doubling(times: int = 30) -> str:
     lines = [BASE, "description: abcdefgh"]
     previous = "description"
@@ -34,6 +40,12 @@ CASES = {  # name -> (file content, or None for a special file; the error the li
     "alias bomb": (bomb(), r"expands to more than 20,000 values"),
     "alias bomb in a base": ("base: bomb.yaml\nname: child\n", r"bomb\.yaml:1:1: error: expands to more than"),
     "interpolation doubling": (doubling(), r"would grow the spec past 100,000 characters"),
+    "merge-key bomb": (merge_bomb(), r"expands to more than 20,000 values"),
+    "self merge": (BASE + "x: &a {<<: *a}\n", r"an alias here refers to a node that contains it"),
+    "5000-digit hex integer": (BASE + "language: {vocab_size: 0x" + "f" * 5000 + "}\n",
+                               r"language\.vocab_size: cannot read this value: integers in a spec fit in 64 bits"),
+    "1000 routes": (BASE + "moe: {routes: [" + ", ".join(["{pool: experts, causal: false, router: {type: topk, top_k: 1}}"] * 1000)
+                    + "]}\n", r"moe\.routes: must have at most 64 items, got 1000"),
     "deep flow nesting": (BASE + "name: " + "[" * 5000 + "]" * 5000 + "\n", r"nested too deeply"),
     "deep block nesting": (BASE + "".join(f"{' ' * 2 * i}k{i}:\n" for i in range(40)) + " " * 80 + "v: 1\n",
                            r"nested too deeply"),

@@ -82,7 +82,8 @@ def _check_pixels(rules: InputRules, pixel_values: Tensor) -> None:
 
 def _check_placeholders(rules: InputRules, input_ids: Tensor, pixel_values: Tensor | None, past: int) -> None:
     placeholders = int((input_ids == rules.image_token_id).sum())
-    if placeholders and pixel_values is None and past == 0:
+    decoding = past > 0 and input_ids.shape[1] == 1  # a sampled placeholder id is a text token there
+    if placeholders and pixel_values is None and not decoding:
         raise ValueError(f"input_ids hold {placeholders} image placeholder tokens (id {rules.image_token_id}) "
                          "but no pixel_values were given")
     if pixel_values is not None and not placeholders:

@@ -91,6 +91,8 @@ class MoEVLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["DecoderLayer"]  # a block and its experts stay on one device
+    # With `tie_word_embeddings`, transformers re-ties these after to_empty, loading and saving.
+    _tied_weights_keys = {"language.lm_head.weight": "language.model.embed_tokens.weight"}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -368,9 +370,12 @@ def build(spec, device=None, dtype=None, seed: int | None = None) -> MoEVLMForCo
     if device.type == "meta":
         return model
     model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        if seed is not None:  # the generators the init draws from, and no other (manual_seed seeds every GPU)
+            torch.random.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
         model.init_weights()
     load_pretrained_parts(model, spec)
     return model

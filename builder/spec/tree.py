@@ -205,11 +205,16 @@ class _YamlReader:
 
     def _scalar(self, node, pos: Pos, path: SpecPath) -> Any:
         try:
-            return _scalar(self.yaml.constructor.construct_object(node, deep=True))
+            value = _scalar(self.yaml.constructor.construct_object(node, deep=True))
         except (ValueError, YAMLError) as exc:  # e.g. an integer beyond Python's 4,300-digit limit
             reason = _first_line(exc).split(";")[0]
             self.problems.append(pos.error(path, f"cannot read this value: {reason}"))
             return None
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
+            # hex, octal and binary escape Python's digit limit, and no spec number needs more
+            self.problems.append(pos.error(path, "cannot read this value: integers in a spec fit in 64 bits"))
+            return None
+        return value
 
     def _mapping(self, node, path: SpecPath, inside: frozenset[int]) -> dict[Any, Node]:
         children: dict[Any, Node] = {}
@@ -232,7 +237,8 @@ class _YamlReader:
             if not isinstance(source, MappingNode):
                 self.problems.append(self._pos(source.start_mark).error(path, "a merge key (<<) takes a mapping or a list of mappings"))
                 continue
-            for key, child in self._mapping(source, path, inside | {id(source)}).items():
+            # through _node: a merged mapping counts against MAX_VALUES and may not contain itself
+            for key, child in (self._node(source, path, None, inside).value or {}).items():
                 children.setdefault(key, child)
         return children
 

@@ -181,3 +181,14 @@ def test_build_sets_no_process_state():
     assert model.language.model.rotary_emb.inv_freq.dtype == torch.float32  # as transformers keeps it
     again = build("micro-moe-llava", dtype="bfloat16", seed=0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_tied_embeddings_stay_tied_through_build_save_and_load(tmp_path):
+    spec = moebuild.load_spec("micro-moe-llava", ["+language.tie_word_embeddings=true"])
+    model = build(spec, seed=0)
+    assert model.language.lm_head.weight is model.language.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == summarize(spec).total_params
+    model.save_pretrained(tmp_path)
+    loaded = MoEVLMForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.language.lm_head.weight is loaded.language.embed_tokens.weight
+    assert torch.equal(loaded.language.lm_head.weight, model.language.lm_head.weight)

@@ -51,6 +51,15 @@ def test_placeholders_and_pictures_must_come_together(model):
         input_ids=text_only, pixel_values=pixels)
 
 
+def test_placeholders_without_pictures_pass_only_as_a_sampled_decode_token(model):
+    ids, pixels = prompt(model)
+    cache = model(input_ids=ids, pixel_values=pixels).cache
+    image = model.config.image_token_id
+    model(input_ids=torch.tensor([[image]]), cache=cache)  # a decode step that sampled the placeholder id
+    with pytest.raises(ValueError, match="image placeholder tokens .* but no pixel_values"):
+        model(input_ids=torch.tensor([[7] + [image] * 16 + [8]]), cache=cache)  # a second turn's picture
+
+
 def test_empty_inputs(model):
     bad(model, "input_ids is empty", input_ids=torch.zeros(1, 0, dtype=torch.long))
     bad(model, "input_ids is empty", input_ids=torch.zeros(0, 4, dtype=torch.long))

@@ -34,18 +34,40 @@ def test_the_marker_lists_what_was_written_and_the_directory_has_normal_permissi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging left behind
 
 
-@pytest.mark.parametrize("place", ["root", "home", "cwd", "parent of cwd"])
-def test_protected_places_are_refused_even_with_force(tmp_path, monkeypatch, place):
+@pytest.mark.parametrize("place, reason", [
+    ("root", "it is the root directory"), ("home", "it is your home directory"),
+    ("cwd", "it is or holds the current directory"), ("parent of cwd", "it is or holds the current directory")])
+def test_protected_places_are_refused_even_with_force(tmp_path, monkeypatch, place, reason):
     deleted = []
     monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: deleted.append(path))
-    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    home, work = tmp_path / "home", tmp_path / "elsewhere" / "work"  # the home does not hold the cwd
+    home.mkdir()
     work.mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
     target = {"root": Path("/"), "home": home, "cwd": Path("."), "parent of cwd": Path("..")}[place]
-    with pytest.raises(OutputError, match="refusing to write a model to"):
+    with pytest.raises(OutputError, match=f"refusing to write a model to .*: {reason}$"):
         write_model_dir(target, write_two_files, force=True)
     assert deleted == []
+
+
+def test_force_keeps_links_and_empty_directories_a_user_added(tmp_path):
+    out = tmp_path / "m"
+    write_model_dir(out, write_two_files)
+    (tmp_path / "important").mkdir()
+    (out / "linked").symlink_to(tmp_path / "important")
+    (out / "results").mkdir()
+    with pytest.raises(OutputError, match="linked.*results|results.*linked"):
+        write_model_dir(out, write_two_files, force=True)
+    assert (out / "linked").is_symlink() and (out / "results").is_dir()
+
+
+def test_glob_characters_in_the_name_touch_no_other_output(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = tmp_path / f".a.moebuild-staging-{int(dead.stdout)}-0a1b2c3d"
+    other.mkdir()
+    write_model_dir(tmp_path / "[ab]", write_two_files)
+    assert other.is_dir()  # another output's leftover: only a run to `a` removes it
 
 
 def test_force_never_deletes_files_moebuild_did_not_write(tmp_path):

@@ -50,16 +50,19 @@ GROUP_RANKS = {  # how a group of experts is ranked, from its experts' (biased) 
 }
 
 
-def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int, rank_by: str = "top2_sum") -> Tensor:
-    """Scores outside each token's top_groups groups set to 0.0, as DeepSeek's code does (V3 noaux_tc:
-    `masked_fill(~score_mask, 0.0)`; V2 group_limited_greedy the same). Not -inf: where biased scores
-    are negative, an expert of a dropped group can win, and moebuild reproduces that."""
+def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int,
+                  rank_by: str = "top2_sum") -> tuple[Tensor, Tensor]:
+    """(scores, kept_TE): scores outside each token's top_groups groups set to 0.0, as DeepSeek's code
+    does (V3 noaux_tc: `masked_fill(~score_mask, 0.0)`; V2 group_limited_greedy the same). Not -inf:
+    where biased scores are negative, an expert of a dropped group can win, and moebuild reproduces
+    that. `kept_TE`: the experts of the kept groups."""
     T, E = selection_TE.shape
     grouped_TGN = selection_TE.view(T, num_groups, E // num_groups)
     group_scores_TG = GROUP_RANKS[rank_by](grouped_TGN)
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
     keep_TG.scatter_(1, group_scores_TG.topk(top_groups, dim=-1).indices, True)
-    return grouped_TGN.masked_fill(~keep_TG[..., None], 0.0).view(T, E)
+    kept_TE = keep_TG[..., None].expand_as(grouped_TGN).reshape(T, E)
+    return selection_TE.masked_fill(~kept_TE, 0.0), kept_TE
 
 
 class TopKRouter(LinearRouter):
@@ -159,10 +162,13 @@ class TopKRouter(LinearRouter):
         selection_TE = SCORES[self.score](logits_TE)
         if self.has_correction_bias:
             selection_TE = selection_TE + self.e_score_correction_bias
+        kept_TE = None
         if self.num_groups > 1:
-            selection_TE = group_limited(selection_TE, self.num_groups, self.top_groups, self.group_rank)
+            selection_TE, kept_TE = group_limited(selection_TE, self.num_groups, self.top_groups, self.group_rank)
         if self.training and self.expert_dropout > 0:
             drop_TE = torch.rand_like(selection_TE) < self.expert_dropout
+            if kept_TE is not None:  # a dropped-out expert is never replaced by one of a dropped group
+                drop_TE |= ~kept_TE
             selection_TE = selection_TE.masked_fill(drop_TE, float("-inf"))
         return selection_TE
 

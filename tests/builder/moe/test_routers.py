@@ -207,3 +207,14 @@ def test_dense_sigmoid_gate():
     want_T1 = torch.sigmoid(x_TD @ router.weight.t())
     torch.testing.assert_close(routing.weights_TK, want_T1.expand(5, 2))
     assert routing.ids_TK.tolist() == [[0, 1]] * 5
+
+
+def test_expert_dropout_never_lets_a_dropped_group_in():
+    torch.manual_seed(0)
+    router = identity_router(8, 2, score="sigmoid", num_groups=4, top_groups=1, expert_dropout=0.5).train()
+    x_TD = torch.randn(1000, 8)
+    routing = router.route(x_TD)
+    group_T = routing.logits_TE.sigmoid().view(1000, 4, 2).topk(2, dim=-1).values.sum(-1).argmax(-1)
+    chosen = routing.topk_ids_TK
+    assert ((chosen < 0) | (chosen // 2 == group_T[:, None])).all()
+    assert (chosen < 0).any()  # dropout emptied some slots rather than reaching outside the group
