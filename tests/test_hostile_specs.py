@@ -57,6 +57,7 @@ CASES = {  # name -> (file content, or None for a special file; the error the li
     "custom resolver": (BASE + 'name: "${oc.create:{a: 1}}"\n', r"resolvers are not allowed"),
     "cyclic reference": (BASE + "name: ${description}\ndescription: ${name}\n", r"cyclic reference"),
     "base is not yaml": ("base: /etc/passwd\n", r"base file '/etc/passwd' must be a \.yaml or \.yml file"),
+    "absolute base": ("base: /etc/secrets.yaml\n", r"must be a path relative to this spec, not an absolute one"),
     "head_dim with indivisible hidden": (
         BASE + "language: {hidden_size: 130, head_dim: 32}\n", r"language: hidden_size 130 is not divisible by num_heads 4"),
     "num_experts 1e12": (BASE + "moe: {pools: {experts: {num_experts: 1000000000000}}}\n",

@@ -191,6 +191,8 @@ def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tup
     if "/" in name or os.sep in name or name.endswith(_YAML_SUFFIXES):
         if not name.endswith(_YAML_SUFFIXES):
             raise fail(f"base file '{name}' must be a .yaml or .yml file")
+        if os.path.isabs(name):
+            raise fail(f"base file '{name}' must be a path relative to this spec, not an absolute one")
         path = including.parent / name
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
