@@ -232,7 +232,7 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
 
     parsed = load_spec(spec, overrides)
     try:
-        check_output(output, force)  # before the build, not after it
+        check_output(output, force)  # also checked by build_and_save; here it fails before torch is imported
     except OutputError as exc:
         raise click.ClickException(str(exc)) from None
     from transformers.utils import logging as hf_logging

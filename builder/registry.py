@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from moebuild.model.connectors import (
@@ -75,8 +74,6 @@ from moebuild.schemas import (
     ZLossSpec,
     moe_layer_indices,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def language_hf_config(node: LanguageSpec):

@@ -222,9 +222,13 @@ class LanguageModel(nn.Module):
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if dtype is not None:
-            # The rotary table stays fp32, as in transformers: its inverse frequencies lose digits in bf16.
-            for module in (self.model.embed_tokens, self.model.layers, self.model.final_norm, self.lm_head):
-                module.to(dtype)
+            self.cast_weights(dtype)
+
+    def cast_weights(self, dtype: torch.dtype) -> None:
+        """Parameters and floating buffers in `dtype`, except the rotary table, which stays fp32 as in
+        transformers (its inverse frequencies lose digits in bf16), and routers' balancing state."""
+        for module in (self.model.embed_tokens, self.model.layers, self.model.final_norm, self.lm_head):
+            module.to(dtype)
 
     @property
     def embed_tokens(self) -> nn.Embedding:

@@ -34,8 +34,8 @@ from moebuild.model.inputs import InputRules, check_inputs
 from moebuild.model.tiling import TiledConnector, tiled_token_count
 from moebuild.moe.batch import IMAGE, TEXT
 from moebuild.moe.experts import ExpertPool
-from moebuild.moe.routers.base import Router, init_router
-from moebuild.registry import DTYPES, build_components
+from moebuild.moe.routers.base import DTYPES, Router, init_router
+from moebuild.registry import build_components
 from moebuild.schemas import ModelSpec
 from moebuild.spec.errors import BuildError
 
@@ -113,11 +113,10 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def cast_weights(self, dtype: torch.dtype) -> None:
-        """Parameters and floating buffers in `dtype`, except the decoder's rotary table (fp32, as in
-        transformers: its inverse frequencies lose digits in bf16) and routers' balancing state."""
-        for module in (self.vision, self.connector, self.language.embed_tokens, self.language.layers,
-                       self.language.model.final_norm, self.language.lm_head):
-            module.to(dtype)
+        """Parameters and floating buffers in `dtype` (the decoder's exceptions: LanguageModel.cast_weights)."""
+        self.vision.to(dtype)
+        self.connector.to(dtype)
+        self.language.cast_weights(dtype)
 
     @property
     def spec(self) -> ModelSpec:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from moebuild.spec.errors import Diagnostic, SpecPath, format_path
-from moebuild.spec.tree import Node, from_plain, to_plain, walk
+from moebuild.spec.tree import Node, first_line, from_plain, to_plain, walk
 
 _REFERENCE = re.compile(r"\$\{([^${}]*)\}")
 _RESOLVER = re.compile(r"\$\{\s*([\w.-]+)\s*:")
@@ -137,7 +137,7 @@ def _resolve(root: Node, sites: dict[SpecPath, Node], problems: list[Diagnostic]
     try:
         config = OmegaConf.create(to_plain(root))
     except OmegaConfBaseException as exc:
-        problems.append(root.pos.error((), f"cannot interpolate: {_first_line(exc)}"))
+        problems.append(root.pos.error((), f"cannot interpolate: {first_line(exc)}"))
         return list(sites)
     failed = []
     for path, node in sites.items():
@@ -148,12 +148,9 @@ def _resolve(root: Node, sites: dict[SpecPath, Node], problems: list[Diagnostic]
             if isinstance(value, (DictConfig, ListConfig)):
                 value = OmegaConf.to_container(value, resolve=True)
         except OmegaConfBaseException as exc:
-            problems.append(node.pos.error(path, f"cannot resolve {node.value!r}: {_first_line(exc)}"))
+            problems.append(node.pos.error(path, f"cannot resolve {node.value!r}: {first_line(exc)}"))
             failed.append(path)
             continue
         node.value = from_plain(value, node.pos).value
     return failed
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -207,7 +207,7 @@ class _YamlReader:
         try:
             value = _scalar(self.yaml.constructor.construct_object(node, deep=True))
         except (ValueError, YAMLError) as exc:  # e.g. an integer beyond Python's 4,300-digit limit
-            reason = _first_line(exc).split(";")[0]
+            reason = first_line(exc).split(";")[0]
             self.problems.append(pos.error(path, f"cannot read this value: {reason}"))
             return None
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
@@ -285,7 +285,7 @@ def _kind(value: Any) -> str:
     return "a string" if isinstance(value, str) else "a number"
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 

@@ -28,7 +28,8 @@ from torch.nn import functional as F
 from moebuild.moe.batch import RouteBatch
 
 DROP_POLICIES = ("by_position", "by_score")
-ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""dtypes by the names specs and the CLI use (a router's `dtype`, `build(dtype=...)`)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from moebuild.moe.batch import RouteBatch
 from moebuild.moe.routers.base import (
-    ROUTER_DTYPES,
+    DTYPES,
     Capacity,
     LinearRouter,
     Routing,
@@ -52,7 +52,7 @@ class DeepSpeedTop2Router(LinearRouter):
     @classmethod
     def from_spec(cls, node, *, hidden_size: int, num_experts: int) -> "DeepSpeedTop2Router":
         return cls(hidden_size, num_experts, Capacity.from_spec(node.capacity), eval_noise=node.eval_noise,
-                   router_dtype=ROUTER_DTYPES[node.dtype])
+                   router_dtype=DTYPES[node.dtype])
 
     def forward(self, batch: RouteBatch) -> Routing:
         logits_TE = self.logits(batch.x_RD)

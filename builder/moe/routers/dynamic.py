@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moebuild.moe.batch import RouteBatch
-from moebuild.moe.routers.base import ROUTER_DTYPES, LinearRouter, Routing
+from moebuild.moe.routers.base import DTYPES, LinearRouter, Routing
 
 
 def masked_weights(probs_TE: Tensor, ids_TK: Tensor, keep_TK: Tensor, normalize: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -45,7 +45,7 @@ class ThresholdRouter(LinearRouter):
     @classmethod
     def from_spec(cls, node, *, hidden_size: int, num_experts: int) -> "ThresholdRouter":
         return cls(hidden_size, num_experts, node.threshold, node.max_experts, normalize=node.normalize,
-                   scale=node.scale, router_dtype=ROUTER_DTYPES[node.dtype])
+                   scale=node.scale, router_dtype=DTYPES[node.dtype])
 
     def forward(self, batch: RouteBatch) -> Routing:
         logits_TE = self.logits(batch.x_RD)
@@ -74,7 +74,7 @@ class DynamicTopKRouter(LinearRouter):
     @classmethod
     def from_spec(cls, node, *, hidden_size: int, num_experts: int) -> "DynamicTopKRouter":
         return cls(hidden_size, num_experts, node.top_k, node.tail_top_k, normalize=node.normalize,
-                   scale=node.scale, router_dtype=ROUTER_DTYPES[node.dtype])
+                   scale=node.scale, router_dtype=DTYPES[node.dtype])
 
     def forward(self, batch: RouteBatch) -> Routing:
         x_TD, valid_T = batch.x_RD, batch.valid_R

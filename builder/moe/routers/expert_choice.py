@@ -20,7 +20,7 @@ import math
 import torch
 
 from moebuild.moe.batch import RouteBatch
-from moebuild.moe.routers.base import ROUTER_DTYPES, LinearRouter, Routing
+from moebuild.moe.routers.base import DTYPES, LinearRouter, Routing
 
 
 class ExpertChoiceRouter(LinearRouter):
@@ -34,7 +34,7 @@ class ExpertChoiceRouter(LinearRouter):
 
     @classmethod
     def from_spec(cls, node, *, hidden_size: int, num_experts: int) -> "ExpertChoiceRouter":
-        return cls(hidden_size, num_experts, node.capacity_factor, router_dtype=ROUTER_DTYPES[node.dtype])
+        return cls(hidden_size, num_experts, node.capacity_factor, router_dtype=DTYPES[node.dtype])
 
     def forward(self, batch: RouteBatch) -> Routing:
         x_TD, valid_T = batch.x_RD, batch.valid_R

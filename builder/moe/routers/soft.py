@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moebuild.moe.batch import RouteBatch
-from moebuild.moe.routers.base import ROUTER_DTYPES, LinearRouter, Routing
+from moebuild.moe.routers.base import DTYPES, LinearRouter, Routing
 
 
 def _softmax_over_tokens(logits_TS: Tensor, valid_T: Tensor, seq_T: Tensor, num_seqs: int) -> Tensor:
@@ -72,7 +72,7 @@ class SoftRouter(LinearRouter):
 
     @classmethod
     def from_spec(cls, node, *, hidden_size: int, num_experts: int) -> "SoftRouter":
-        return cls(hidden_size, num_experts, node.slots_per_expert, router_dtype=ROUTER_DTYPES[node.dtype])
+        return cls(hidden_size, num_experts, node.slots_per_expert, router_dtype=DTYPES[node.dtype])
 
     def forward(self, batch: RouteBatch) -> SoftRouting:
         x_TD = batch.x_RD

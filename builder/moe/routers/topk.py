@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moebuild.moe.batch import RouteBatch
 from moebuild.moe.routers.base import (
-    ROUTER_DTYPES,
+    DTYPES,
     SCORES,
     Capacity,
     LinearRouter,
@@ -144,7 +144,7 @@ class TopKRouter(LinearRouter):
             correction_bias=bool(node.bias),
             expert_dropout=node.expert_dropout,
             curriculum=(curriculum.start_k, curriculum.steps_per_k) if curriculum else None,
-            router_dtype=ROUTER_DTYPES[node.dtype],
+            router_dtype=DTYPES[node.dtype],
         )
 
     def current_k(self) -> int:
