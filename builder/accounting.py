@@ -106,7 +106,9 @@ class Summary:
 
     @property
     def components(self) -> dict[str, Component]:
-        return {"vision": self.vision, "connector": self.connector, "language": self.language}
+        """vision, connector (both left out of a text-only model) and language."""
+        parts = {"vision": self.vision, "connector": self.connector}
+        return {name: c for name, c in parts.items() if c.parts} | {"language": self.language}
 
     @property
     def total_params(self) -> int:
@@ -305,9 +307,9 @@ def summarize(spec: ModelSpec, context: int = DEFAULT_CONTEXT) -> Summary:
     return Summary(
         name=spec.name,
         context=context,
-        vision=vision_component(spec.vision),
-        connector=connector_component(spec.connector, spec.vision.hidden_size, spec.language.hidden_size,
-                                      spec.vision.tiling),
+        vision=Component({}) if spec.text_only else vision_component(spec.vision),
+        connector=Component({}) if spec.text_only else connector_component(
+            spec.connector, spec.vision.hidden_size, spec.language.hidden_size, spec.vision.tiling),
         language=by_modality[modality],
         language_by_modality=by_modality,
         active_modality=modality,

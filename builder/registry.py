@@ -174,14 +174,17 @@ def build_module(node, **context):
     return builder(node, **context)
 
 
-def build_components(spec: ModelSpec, text_config=None) -> tuple[VisionTower, nn.Module, LanguageModel]:
-    """Vision tower, connector and language model of a spec (random init, current default device)."""
+def build_components(spec: ModelSpec, text_config=None) -> tuple[VisionTower | None, nn.Module | None, LanguageModel]:
+    """Vision tower, connector and language model of a spec (random init, current default device); a
+    text-only spec has neither tower nor connector."""
+    language = build_language(spec.language, moe=spec.moe, hf_config=text_config)
+    if spec.text_only:
+        return None, None, language
     vision = build_module(spec.vision)
     connector = build_module(spec.connector, in_dim=vision.hidden_size, out_dim=spec.language.hidden_size)
     if spec.vision.tiling is not None:
         # DeepSeek-VL2 keeps image_newline / view_separator beside its projector: they are the connector's.
         connector = TiledConnector(connector, spec.language.hidden_size, global_view=spec.vision.tiling.global_view)
-    language = build_language(spec.language, moe=spec.moe, hf_config=text_config)
     return vision, connector, language
 
 
@@ -203,6 +206,8 @@ def build_processor(spec):
         from moebuild.spec.loading import load_spec
 
         spec = load_spec(spec)
+    if spec.text_only:
+        raise ValueError(f"{spec.name} is a text-only model (no vision section): it has no image processor")
     vision = spec.vision
     token_side = tile_token_side(spec)
     if vision.tiling is not None:

@@ -35,7 +35,7 @@ class TokenIdsSpec(SpecModel):
 
 
 class ModelSpec(SpecModel):
-    """A Mixture-of-Experts vision-language model."""
+    """A Mixture-of-Experts vision-language model, or a text-only language model (no vision, no connector)."""
 
     moebuild_version: Literal[1] = 1
     """Version of the spec language."""
@@ -45,10 +45,10 @@ class ModelSpec(SpecModel):
     """Free text: what the model is and where its numbers come from."""
     base: str | None = None
     """Spec this one inherits from (preset name or relative path); merged by the loader, null once resolved."""
-    vision: VisionSpec
-    """Vision encoder."""
-    connector: ConnectorSpec
-    """Projector from vision features to language embeddings."""
+    vision: VisionSpec | None = None
+    """Vision encoder; null = a text-only model (then connector is null too)."""
+    connector: ConnectorSpec | None = None
+    """Projector from vision features to language embeddings; null exactly when vision is null."""
     language: LanguageSpec
     """Language decoder."""
     moe: MoESpec | None = None
@@ -59,7 +59,14 @@ class ModelSpec(SpecModel):
     """Staged training recipe."""
 
     @property
-    def image_token_id(self) -> int:
+    def text_only(self) -> bool:
+        return self.vision is None
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The image placeholder id; None for a text-only model, where every id is text."""
+        if self.text_only:
+            return None
         return self.language.vocab_size - 1 if self.tokens.image is None else self.tokens.image
 
     def moe_layers(self) -> list[int]:
@@ -68,10 +75,26 @@ class ModelSpec(SpecModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self):
-        problems = _language_rules(self) + _token_rules(self) + _moe_rules(self) + _training_rules(self)
+        problems = (_modality_rules(self) + _language_rules(self) + _token_rules(self) + _moe_rules(self)
+                    + _training_rules(self))
         if problems:
             raise CrossFieldError(problems)
         return self
+
+
+def _modality_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    """A vision tower needs a connector and the reverse; a text-only model has no image tokens."""
+    if (spec.vision is None) != (spec.connector is None):
+        given, missing = ("vision", "connector") if spec.connector is None else ("connector", "vision")
+        return [((given,), f"a {given} section needs a {missing} section (or neither, for a text-only model)")]
+    if spec.vision is None and spec.tokens.image is not None:
+        return [(("tokens", "image"), "a text-only model (no vision section) has no image placeholder id")]
+    if spec.vision is None and spec.moe is not None:
+        scoped = [(("moe", "routes", i, "tokens"), route.tokens) for i, route in enumerate(spec.moe.routes)]
+        scoped += [(("moe", "balancing", i, "tokens"), term.tokens) for i, term in enumerate(spec.moe.balancing)]
+        return [(at, "a text-only model (no vision section) has no image tokens") for at, tokens in scoped
+                if tokens == "image"]
+    return []
 
 
 def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
@@ -175,4 +198,7 @@ def _training_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
                                  f"{did_you_mean(root, TRAINABLE_ROOTS)}"))
             elif root == "moe" and spec.moe is None:
                 problems.append((("training", "stages", i, "trainable", j), "the spec has no moe section"))
+            elif root in ("vision", "connector") and spec.vision is None:
+                problems.append((("training", "stages", i, "trainable", j),
+                                 f"a text-only model (no vision section) has no {root}"))
     return problems

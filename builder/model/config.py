@@ -26,7 +26,7 @@ class MoEVLMConfig(PretrainedConfig):
             kwargs.setdefault("pad_token_id", parsed.tokens.pad)
             kwargs.setdefault("bos_token_id", parsed.tokens.bos)
             kwargs.setdefault("eos_token_id", parsed.tokens.eos)
-            self.image_token_id = parsed.image_token_id
+            self.image_token_id = parsed.image_token_id  # None for a text-only model
             self.vocab_size = lang.vocab_size
             self.hidden_size = lang.hidden_size
             self.num_hidden_layers = lang.num_layers

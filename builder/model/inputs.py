@@ -19,8 +19,8 @@ from torch import Tensor
 class InputRules:
     vocab_size: int
     hidden_size: int
-    image_token_id: int
-    image_size: int
+    image_token_id: int | None  # None: a text-only model
+    image_size: int | None
     image_tokens_per_view: int
 
 
@@ -47,7 +47,7 @@ def check_inputs(rules: InputRules, input_ids: Tensor | None, inputs_embeds: Ten
         raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(B, S)} like input_ids")
     if pixel_values is not None:
         _check_pixels(rules, pixel_values)
-    if input_ids is not None:
+    if input_ids is not None and rules.image_token_id is not None:
         _check_placeholders(rules, input_ids, pixel_values, past)
     elif pixel_values is not None:
         raise ValueError("pixel_values go with input_ids (their placeholders say where each picture goes), "
@@ -71,6 +71,8 @@ def _check_ids(rules: InputRules, input_ids: Tensor) -> tuple[int, int]:
 
 
 def _check_pixels(rules: InputRules, pixel_values: Tensor) -> None:
+    if rules.image_size is None:
+        raise ValueError("this is a text-only model (its spec has no vision section): it takes no pixel_values")
     side = rules.image_size
     shape = tuple(pixel_values.shape)
     if pixel_values.dim() != 4 or shape[1:] != (3, side, side) or shape[0] == 0:

@@ -51,7 +51,7 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained_parts(model, spec: ModelSpec) -> None:
-    if spec.vision.pretrained:
+    if spec.vision is not None and spec.vision.pretrained:
         load_vision(model.vision, spec.vision.pretrained)
     if spec.language.pretrained:
         load_language(model.language, spec.language.pretrained)

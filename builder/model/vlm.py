@@ -114,8 +114,9 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
 
     def cast_weights(self, dtype: torch.dtype) -> None:
         """Parameters and floating buffers in `dtype` (the decoder's exceptions: LanguageModel.cast_weights)."""
-        self.vision.to(dtype)
-        self.connector.to(dtype)
+        for part in (self.vision, self.connector):
+            if part is not None:
+                part.to(dtype)
         self.language.cast_weights(dtype)
 
     @property
@@ -124,14 +125,15 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder tokens one untiled view takes in `input_ids` (a tiled picture's count comes from the processor)."""
-        return self.connector.num_output_tokens(self.vision.num_tokens)
+        """Placeholder tokens one untiled view takes in `input_ids` (a tiled picture's count comes from the
+        processor); 0 for a text-only model."""
+        return 0 if self.vision is None else self.connector.num_output_tokens(self.vision.num_tokens)
 
     @cached_property
     def input_rules(self) -> InputRules:
         spec = self.spec
-        return InputRules(spec.language.vocab_size, spec.language.hidden_size, self.config.image_token_id,
-                          spec.vision.image_size, self.num_image_tokens)
+        return InputRules(spec.language.vocab_size, spec.language.hidden_size, spec.image_token_id,
+                          None if spec.text_only else spec.vision.image_size, self.num_image_tokens)
 
     def prepare_inputs_for_generation(self, *args, pixel_values=None, image_grids=None, is_first_iteration=False,
                                       **kwargs):
@@ -257,7 +259,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             inputs_embeds = self.language.embed_tokens(input_ids)
             if pixel_values is not None:
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, pixel_values, image_grids)
-        if modality is None and input_ids is not None:
+        if modality is None and input_ids is not None and self.vision is not None:
             # a placeholder id sampled in a decode step is a text token: no picture stands behind it
             is_image_BS = input_ids == self.config.image_token_id if pixel_values is not None else input_ids < 0
             modality = torch.where(is_image_BS, IMAGE, TEXT)

@@ -173,27 +173,33 @@ def _annotation_at(model: type[BaseModel], path: SpecPath, data: Any) -> Any:
     return ann
 
 
-def _narrow(ann: Any, value: Any) -> Any:
-    """Annotated/Optional/union -> the one member ``value`` is meant for, or None."""
+def _members(ann: Any) -> list[Any]:
+    """The members of an annotation, Annotated and nested unions (an Optional discriminated union) flattened,
+    None left out."""
     while typing.get_origin(ann) is typing.Annotated:
         ann = typing.get_args(ann)[0]
     if typing.get_origin(ann) not in (typing.Union, types.UnionType):
-        return ann
-    members = [m for m in typing.get_args(ann) if m is not type(None)]
+        return [ann]
+    return [m for arg in typing.get_args(ann) if arg is not type(None) for m in _members(arg)]
+
+
+def _narrow(ann: Any, value: Any) -> Any:
+    """Annotated/Optional/union -> the one member ``value`` is meant for, or None."""
+    members = _members(ann)
+    if len(members) == 1:
+        return members[0]
     models = [m for m in members if _is_model(m)]
     if isinstance(value, dict) and "type" in value:
         chosen = [m for m in models if value["type"] in _type_tags(m)]
         return chosen[0] if chosen else None
     if isinstance(value, dict) and len(models) == 1:
         return models[0]
-    return _narrow(members[0], value) if len(members) == 1 else None
+    return None
 
 
 def _union_tags(model: type[BaseModel], path: SpecPath, data: Any) -> list[str]:
-    ann = _annotation_at(model, path, data)
-    while typing.get_origin(ann) is typing.Annotated:
-        ann = typing.get_args(ann)[0]
-    return [t for m in typing.get_args(ann) if _is_model(m) for t in _type_tags(m)]
+    members = _members(_annotation_at(model, path, data))
+    return [t for m in members if _is_model(m) for t in _type_tags(m)] if len(members) > 1 else []
 
 
 def _type_tags(model: type[BaseModel]) -> tuple[Any, ...]:

@@ -67,7 +67,7 @@ def _pretrained_problems(spec, root: Node) -> list[Diagnostic]:
     """A `pretrained:` directory must exist and hold safetensors weights (never pickles)."""
     problems = []
     for section in ("vision", "language"):
-        path = getattr(spec, section).pretrained
+        path = getattr(getattr(spec, section), "pretrained", None)  # a text-only spec has no vision
         if path is None:
             continue
         where = (section, "pretrained")
