@@ -218,13 +218,15 @@ def _qkv_bias(lang) -> bool:
 
 
 def _mha(lang) -> _Attention:
-    """q/k/v/o projections (Llama, Qwen2, StableLM, Phi; DeepSeek-V2 without MLA takes LlamaAttention)."""
+    """q/k/v/o projections (Llama, Qwen2, Qwen3 with its q/k norms, StableLM, Phi; DeepSeek-V2 without MLA
+    takes LlamaAttention)."""
     h, hd, heads, kv = lang.hidden_size, _head_dim(lang), lang.num_heads, lang.num_kv_heads or lang.num_heads
     weights = 2 * h * heads * hd + 2 * h * kv * hd
     qkv_bias = _qkv_bias(lang)
     o_bias = qkv_bias and FAMILIES[lang.type].o_bias_follows_qkv
     biases = (heads * hd + 2 * kv * hd if qkv_bias else 0) + (h if o_bias else 0)
-    return _Attention(weights + biases, weights, heads * 2 * hd, 2 * kv * hd)
+    qk_norms = 2 * hd if FAMILIES[lang.type].qk_norm else 0  # Qwen3's q_norm and k_norm
+    return _Attention(weights + biases + qk_norms, weights, heads * 2 * hd, 2 * kv * hd)
 
 
 def _mla(lang) -> _Attention:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-LanguageFamily = Literal["llama", "qwen2", "stablelm", "phi", "deepseek_v2"]
+LanguageFamily = Literal["llama", "qwen2", "qwen3", "stablelm", "phi", "deepseek_v2", "deepseek_v3"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,11 @@ class FamilyFacts:
     """gate/up/down (SwiGLU) dense FFN; false = fc1/fc2 with biases (Phi)."""
     lm_head_bias: bool = False
     mla: bool = False
-    """Whether multi-head latent attention is available (DeepSeek-V2)."""
+    """Whether multi-head latent attention is available (DeepSeek-V2 and -V3)."""
+    mha: bool = True
+    """Whether plain multi-head / grouped-query attention is available (DeepSeek-V3's is MLA only)."""
+    qk_norm: bool = False
+    """An RMSNorm over each head's queries and keys (Qwen3: q_norm, k_norm of head_dim)."""
 
     @property
     def norms_per_layer(self) -> int:
@@ -46,4 +50,6 @@ FAMILIES: dict[str, FamilyFacts] = {
     "phi": FamilyFacts(2, True, True, True, free_head_dim=False, partial_rotary=True, gated_ffn=False,
                        lm_head_bias=True),
     "deepseek_v2": FamilyFacts(1, False, None, True, free_head_dim=True, partial_rotary=False, mla=True),
+    "qwen3": FamilyFacts(1, False, None, True, free_head_dim=True, partial_rotary=False, qk_norm=True),
+    "deepseek_v3": FamilyFacts(1, False, None, True, free_head_dim=True, partial_rotary=False, mla=True, mha=False),
 }

@@ -98,9 +98,13 @@ def _modality_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
 
 
 def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
-    lang = spec.language
-    if lang.attention.type == "mla" and not FAMILIES[lang.type].mla:
-        return [(("language", "attention", "type"), f"mla attention needs language type deepseek_v2, got {lang.type}")]
+    lang, facts = spec.language, FAMILIES[spec.language.type]
+    at = ("language", "attention", "type")
+    if lang.attention.type == "mla" and not facts.mla:
+        mla = " or ".join(name for name, f in FAMILIES.items() if f.mla)
+        return [(at, f"mla attention needs language type {mla}, got {lang.type}")]
+    if lang.attention.type != "mla" and not facts.mha:
+        return [(at, f"{lang.type} attention is mla only, got {lang.attention.type}")]
     return []
 
 

@@ -18,16 +18,20 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import (
     DeepseekV2Config,
+    DeepseekV3Config,
     LlamaConfig,
     PhiConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3Config,
     StableLmConfig,
 )
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds2
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds3
 from transformers.models.llama import modeling_llama as llama
 from transformers.models.phi import modeling_phi as phi
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+from transformers.models.qwen3 import modeling_qwen3 as qwen3
 from transformers.models.stablelm import modeling_stablelm as stablelm
 
 from moebuild.schemas.families import FAMILIES as FACTS
@@ -87,6 +91,15 @@ FAMILIES: dict[str, Family] = {
         norm_cls=qwen2.Qwen2RMSNorm,
         eps_key="rms_norm_eps",
     ),
+    "qwen3": Family(
+        facts=FACTS["qwen3"],
+        config_cls=Qwen3Config,
+        attention={"mha": (qwen3.Qwen3Attention, qwen3.Qwen3RotaryEmbedding)},
+        mlp_cls=qwen3.Qwen3MLP,
+        norm_cls=qwen3.Qwen3RMSNorm,
+        eps_key="rms_norm_eps",
+        qkv_bias_key="attention_bias",
+    ),
     "stablelm": Family(
         facts=FACTS["stablelm"],
         config_cls=StableLmConfig,
@@ -120,11 +133,22 @@ FAMILIES: dict[str, Family] = {
         eps_key="rms_norm_eps",
         qkv_bias_key="attention_bias",
     ),
+    # DeepSeek-V3 (and its MoE LLM relatives): MLA only; its attention computes what DeepSeek-V2's
+    # does (equal to 1e-7 on the same weights) and caches the compressed latent.
+    "deepseek_v3": Family(
+        facts=FACTS["deepseek_v3"],
+        config_cls=DeepseekV3Config,
+        attention={"mla": (ds3.DeepseekV3Attention, ds3.DeepseekV3RotaryEmbedding)},
+        mlp_cls=ds3.DeepseekV3MLP,
+        norm_cls=ds3.DeepseekV3RMSNorm,
+        eps_key="rms_norm_eps",
+        qkv_bias_key="attention_bias",
+    ),
 }
 
 
 def attention_kind(config: PretrainedConfig) -> str:
-    """"mla" for a DeepSeek-V2 config built with latent attention, else "mha".
+    """"mla" for a DeepSeek config built with latent attention, else "mha".
 
     `use_mla` is the field name DeepSeek-VL2's own config uses for the same switch.
     """

@@ -45,6 +45,8 @@ def _head_kwargs(family: str, fam: Family, attention: dict, hidden_size: int, nu
         return {"use_mla": True, "q_lora_rank": None, **params}
     if kind not in ("mha", "gqa") or params:
         raise ValueError(f"attention must be {{type: mha | gqa | mla, ...}}, got {attention!r}")
+    if "mha" not in fam.attention:
+        raise ValueError(f"family {family!r} has mla attention only, got {kind}")
     if kind == "mha" and num_kv_heads != num_heads:
         raise ValueError(f"mha attention needs num_kv_heads == num_heads, got {num_kv_heads} and {num_heads}")
     if num_heads % num_kv_heads:

@@ -19,8 +19,10 @@ FAMILIES = {
     "phi": ("phi", {}),  # parallel attention + FFN from one norm
     "stablelm": ("stablelm", {}),
     "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
     "deepseek_v2-mla": ("deepseek_v2", dict(attention=MLA)),
     "deepseek_v2-mha": ("deepseek_v2", dict(head_dim=32)),
+    "deepseek_v3": ("deepseek_v3", dict(attention=MLA)),
 }
 MOE_LAYERS = (0, 2)
 

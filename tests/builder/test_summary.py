@@ -18,12 +18,16 @@ from transformers import (
     CLIPVisionModel,
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PhiConfig,
     PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     SiglipVisionConfig,
     SiglipVisionModel,
     StableLmConfig,
@@ -78,14 +82,17 @@ def _decoder(lang):
                   vocab_size=lang.vocab_size, tie_word_embeddings=lang.tie_word_embeddings)
     head = {"head_dim": lang.head_dim} if lang.head_dim else {}
     bias = bool(lang.qkv_bias)
-    if lang.type == "deepseek_v2" and lang.attention.type == "mla":
+    if lang.attention.type == "mla":
         mla = lang.attention.model_dump(exclude={"type"})
-        config = DeepseekV2Config(**common, **mla, attention_bias=bias, first_k_dense_replace=lang.num_layers)
-        return DeepseekV2ForCausalLM(config)
+        config_cls, model_cls = {"deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+                                 "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM)}[lang.type]
+        return model_cls(config_cls(**common, **mla, attention_bias=bias, first_k_dense_replace=lang.num_layers))
     if lang.type in ("llama", "deepseek_v2"):
         return LlamaForCausalLM(LlamaConfig(**common, **head, attention_bias=bias))
     if lang.type == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common, **head))
+    if lang.type == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(**common, **head, attention_bias=bias))
     if lang.type == "stablelm":
         return StableLmForCausalLM(StableLmConfig(**common, use_qkv_bias=bias, qk_layernorm=False))
     return PhiForCausalLM(PhiConfig(**common))
@@ -178,6 +185,9 @@ FAMILY_CASES = {
     "deepseek-mla-q-lora-bias": _tiny({"type": "deepseek_v2", "attention": MLA | {"q_lora_rank": 40}, "qkv_bias": True},
                                       SHARED_PLUS_ROUTED),
     "deepseek-mha-head-dim": _tiny({"type": "deepseek_v2", "head_dim": 48}, SHARED_PLUS_ROUTED),
+    "qwen3-gqa-qk-norm": _tiny({"type": "qwen3", "attention": {"type": "gqa"}, "num_kv_heads": 2, "head_dim": 24},
+                               _moe(layers="all")),
+    "deepseek_v3-mla": _tiny({"type": "deepseek_v3", "attention": MLA | {"q_lora_rank": 40}}, SHARED_PLUS_ROUTED),
     "llama-dense": _tiny({"type": "llama"}, None),
     "siglip-head": _tiny({"type": "llama"}, None, {"type": "siglip", "image_size": 28, "patch_size": 14,
                                                    "hidden_size": 32, "num_layers": 2, "num_heads": 2,

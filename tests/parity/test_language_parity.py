@@ -18,12 +18,14 @@ MLA = dict(type="mla", kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
 CASES = {
     "llama-gqa": ("llama", dict(num_kv_heads=2, attention={"type": "gqa"}, head_dim=24, qkv_bias=True), None),
     "qwen2-gqa": ("qwen2", dict(num_kv_heads=2, attention={"type": "gqa"}, rope_theta=1000.0), None),
+    "qwen3-gqa": ("qwen3", dict(num_kv_heads=2, attention={"type": "gqa"}, head_dim=24), None),  # q/k norms
     "stablelm": ("stablelm", dict(qkv_bias=True, partial_rotary_factor=0.25, norm_eps=1e-5), None),
     "stablelm-parallel": ("stablelm", dict(use_parallel_residual=True), None),
     "phi": ("phi", dict(partial_rotary_factor=0.4, hidden_act="gelu_new"), None),
     # first_k_dense_replace only keeps transformers' DeepseekV2 dense; LanguageModel ignores it.
     "deepseek_v2-mla": ("deepseek_v2", dict(attention=MLA, first_k_dense_replace=3), None),
     "deepseek_v2-mla-qlora": ("deepseek_v2", dict(attention=MLA | {"q_lora_rank": 12}, first_k_dense_replace=3), None),
+    "deepseek_v3-mla-qlora": ("deepseek_v3", dict(attention=MLA | {"q_lora_rank": 12}, first_k_dense_replace=3), None),
     # DeepSeek-VL2-Tiny's plain MHA is transformers' LlamaAttention, head dim apart from hidden/heads.
     "deepseek_v2-mha": ("deepseek_v2", dict(head_dim=32, first_k_dense_replace=3), "llama"),
 }

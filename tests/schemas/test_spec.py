@@ -136,8 +136,13 @@ def test_unknown_router_type():
 def test_mla_needs_deepseek_family():
     data = _edit(DSVL2, lambda d: d["language"].update(type="llama"))
     assert _problems(data) == [
-        (("language", "attention", "type"), "mla attention needs language type deepseek_v2, got llama")
+        (("language", "attention", "type"), "mla attention needs language type deepseek_v2 or deepseek_v3, got llama")
     ]
+
+
+def test_deepseek_v3_is_mla_only():
+    data = _edit(DSVL2, lambda d: d["language"].update(type="deepseek_v3", attention={"type": "mha"}))
+    assert _problems(data) == [(("language", "attention", "type"), "deepseek_v3 attention is mla only, got mha")]
 
 
 def test_upcycle_needs_the_dense_ffn_size():
