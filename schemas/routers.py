@@ -69,7 +69,7 @@ def _capacity_compares(capacity: CapacitySpec | None, top_k: int) -> str | None:
 
 class GroupSpec(SpecModel):
     """Group-limited selection (DeepSeek n_group / topk_group): experts split into equal groups, only
-    the best top_groups groups per token are selectable (the others' scores become 0.0, as in DeepSeek's code)."""
+    the best top_groups groups per token are selectable (the others' scores become `dropped_score`)."""
 
     num_groups: ExpertCount
     """Number of expert groups (must divide the pool's num_experts)."""
@@ -77,6 +77,8 @@ class GroupSpec(SpecModel):
     """Groups kept per token."""
     rank_by: Literal["top2_sum", "max"] = "top2_sum"
     """How a group is ranked: top2_sum = the sum of its two best (biased) expert scores (DeepSeek-V3 noaux_tc); max = its best expert score (DeepSeek-V2 group_limited_greedy)."""
+    dropped_score: Literal["zero", "-inf"] = "zero"
+    """The selection score of a dropped group's experts: zero = 0.0, as DeepSeek-V2's and DeepSeek-VL2's code (an expert of a dropped group can still win where biased scores are negative); -inf = never selectable, as transformers' DeepseekV3 and DeepSeek-V3's inference code."""
 
     @model_validator(mode="after")
     def _top_groups_fit(self):

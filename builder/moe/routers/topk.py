@@ -11,7 +11,7 @@ DeepSeek-V3 options (transformers `DeepseekV3TopkRouter` / `DeepseekV3MoE.route_
   (Wang et al. 2024) updates it after each optimiser step through `update_balancing`.
 - group-limited selection: experts split into num_groups groups, a group ranked by the sum of its
   two best (biased) expert scores (V3 noaux_tc) or by its best (V2 group_limited_greedy); the
-  other groups' scores become 0.0 (not -inf), as in DeepSeek's code.
+  other groups' scores become 0.0 (DeepSeek-V2 / VL2 code) or -inf (transformers' DeepseekV3).
 - noise on the selection in training (Gaussian or Gumbel on the logits, multiplicative jitter on
   the input as in Switch), expert dropout (each token-expert pair unselectable with probability p
   in training), and a top-k curriculum: k = min(top_k, start_k + step // steps_per_k), the step
@@ -50,19 +50,23 @@ GROUP_RANKS = {  # how a group of experts is ranked, from its experts' (biased) 
 }
 
 
+DROPPED_SCORES = {"zero": 0.0, "-inf": float("-inf")}
+
+
 def group_limited(selection_TE: Tensor, num_groups: int, top_groups: int,
-                  rank_by: str = "top2_sum") -> tuple[Tensor, Tensor]:
-    """(scores, kept_TE): scores outside each token's top_groups groups set to 0.0, as DeepSeek's code
-    does (V3 noaux_tc: `masked_fill(~score_mask, 0.0)`; V2 group_limited_greedy the same). Not -inf:
-    where biased scores are negative, an expert of a dropped group can win, and moebuild reproduces
-    that. `kept_TE`: the experts of the kept groups."""
+                  rank_by: str = "top2_sum", dropped_score: str = "zero") -> tuple[Tensor, Tensor]:
+    """(scores, kept_TE): scores outside each token's top_groups groups set to `dropped_score`.
+    "zero" is DeepSeek's own code (V3 noaux_tc: `masked_fill(~score_mask, 0.0)`; V2
+    group_limited_greedy and DeepSeek-VL2 the same): where biased scores are negative, an expert of a
+    dropped group can win. "-inf" is transformers' DeepseekV3TopkRouter. `kept_TE`: the experts of
+    the kept groups."""
     T, E = selection_TE.shape
     grouped_TGN = selection_TE.view(T, num_groups, E // num_groups)
     group_scores_TG = GROUP_RANKS[rank_by](grouped_TGN)
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
     keep_TG.scatter_(1, group_scores_TG.topk(top_groups, dim=-1).indices, True)
     kept_TE = keep_TG[..., None].expand_as(grouped_TGN).reshape(T, E)
-    return selection_TE.masked_fill(~kept_TE, 0.0), kept_TE
+    return selection_TE.masked_fill(~kept_TE, DROPPED_SCORES[dropped_score]), kept_TE
 
 
 class TopKRouter(LinearRouter):
@@ -84,6 +88,7 @@ class TopKRouter(LinearRouter):
         num_groups: int = 1,
         top_groups: int = 1,
         group_rank: str = "top2_sum",
+        dropped_score: str = "zero",
         correction_bias: bool = False,
         expert_dropout: float = 0.0,
         curriculum: tuple[int, int] | None = None,
@@ -112,7 +117,9 @@ class TopKRouter(LinearRouter):
         self.capacity = capacity
         self.has_correction_bias = correction_bias
         check_choice("group rank", group_rank, GROUP_RANKS)
+        check_choice("dropped score", dropped_score, DROPPED_SCORES)
         self.num_groups, self.top_groups, self.group_rank = num_groups, top_groups, group_rank
+        self.dropped_score = dropped_score
         self.expert_dropout = expert_dropout
         self.curriculum = curriculum
         if correction_bias:  # buffers: not trained by the optimiser, not counted as parameters
@@ -141,6 +148,7 @@ class TopKRouter(LinearRouter):
             num_groups=groups.num_groups if groups else 1,
             top_groups=groups.top_groups if groups else 1,
             group_rank=groups.rank_by if groups else "top2_sum",
+            dropped_score=groups.dropped_score if groups else "zero",
             correction_bias=bool(node.bias),
             expert_dropout=node.expert_dropout,
             curriculum=(curriculum.start_k, curriculum.steps_per_k) if curriculum else None,
@@ -164,7 +172,8 @@ class TopKRouter(LinearRouter):
             selection_TE = selection_TE + self.e_score_correction_bias
         kept_TE = None
         if self.num_groups > 1:
-            selection_TE, kept_TE = group_limited(selection_TE, self.num_groups, self.top_groups, self.group_rank)
+            selection_TE, kept_TE = group_limited(selection_TE, self.num_groups, self.top_groups, self.group_rank,
+                                                 self.dropped_score)
         if self.training and self.expert_dropout > 0:
             drop_TE = torch.rand_like(selection_TE) < self.expert_dropout
             if kept_TE is not None:  # a dropped-out expert is never replaced by one of a dropped group

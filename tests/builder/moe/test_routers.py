@@ -164,6 +164,19 @@ def test_group_limited_selection():
         TopKRouter(6, 6, 2, num_groups=4)
 
 
+@pytest.mark.parametrize("dropped_score, second", [("zero", {0, 1}), ("-inf", {3})])
+def test_dropped_groups_score_zero_or_minus_infinity(dropped_score, second):
+    # biased scores, 2 groups of 2, keep 1: g0 = (-.2, -.9), g1 = (.3, -.5); g1 is kept.
+    # zero: g0's experts score 0.0, and one of them beats expert 3 (-.5); -inf: only g1's are selectable.
+    router = identity_router(4, 2, score="sigmoid", num_groups=2, top_groups=1, correction_bias=True,
+                             dropped_score=dropped_score)
+    logits_TE = torch.zeros(1, 4)  # sigmoid 0.5 everywhere
+    router.e_score_correction_bias.copy_(torch.tensor([-0.7, -1.4, -0.2, -1.0]))
+    routing = router.eval().route(logits_TE)
+    first, then = routing.ids_TK[0].tolist()
+    assert first == 2 and then in second
+
+
 def test_expert_dropout_training_only():
     torch.manual_seed(0)
     x_TD = torch.randn(2000, 4)
