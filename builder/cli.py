@@ -251,6 +251,88 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     click.echo(f"wrote {output}" + (" (config and spec only: built on meta)" if device == "meta" else ""))
 
 
+_FORMATS = ["hf", "deepseek_vl2", "moe_llava", "ltdr"]  # moebuild.convert.checkpoints.FORMATS, without importing torch
+
+
+@main.command("import")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(_FORMATS))
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write (with --spec-only: the spec's YAML file).")
+@click.option("--spec", "spec_name", metavar="SPEC",
+              help="Load into this spec (a preset or a file) instead of the one the checkpoint's config.json implies.")
+@click.option("--spec-only", is_flag=True, help="Write only the spec the checkpoint's config.json describes; no weights read.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it holds a model moebuild wrote (and nothing else).")
+def import_cmd(fmt: str, checkpoint: Path, output: Path, spec_name: str | None, spec_only: bool, force: bool):
+    """Convert a released CHECKPOINT directory (config.json + safetensors) into a moebuild model.
+
+    FORMAT: hf (transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3), deepseek_vl2,
+    moe_llava, ltdr. Every tensor must find its place: one error names all that are missing, left
+    over or mis-shaped. Pickle checkpoints (.bin) are never loaded.
+
+    \b
+    Examples:
+      moebuild import hf ./Qwen1.5-MoE-A2.7B -o out/qwen-moe
+      moebuild import hf ./Mixtral-8x7B --spec-only -o mixtral.yaml
+      moebuild import deepseek_vl2 ./deepseek-vl2-tiny --spec deepseek-vl2-tiny -o out/tiny
+    """
+    from moebuild.spec.loading import dump_yaml, load_spec
+
+    if spec_only:
+        if output.exists() and not force:
+            raise click.ClickException(f"{output} exists (--force replaces it)")
+        from moebuild.convert.checkpoints import spec_of
+        from moebuild.model.pretrained import CheckpointError
+
+        try:
+            spec = spec_of(fmt, checkpoint, name=output.stem)
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from None
+        output.write_text(dump_yaml(spec.model_dump(mode="json", exclude_defaults=True)))
+        click.echo(f"wrote {output}")
+        return
+    spec = load_spec(spec_name) if spec_name else None
+    from moebuild.convert.checkpoints import import_checkpoint
+    from moebuild.model.pretrained import CheckpointError
+    from moebuild.output import OutputError
+
+    try:
+        spec = import_checkpoint(fmt, checkpoint, output, spec=spec, force=force)
+    except (CheckpointError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from None
+    from moebuild.accounting import summarize
+
+    click.echo(summary_table(summarize(spec)))
+    click.echo(f"wrote {output}")
+
+
+@main.command("export")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(_FORMATS))
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the checkpoint to (config.json, model.safetensors).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if moebuild wrote everything in it.")
+def export_cmd(fmt: str, model_dir: Path, output: Path, force: bool):
+    """Write the moebuild model in MODEL_DIR as a checkpoint of FORMAT, loadable by that system's own
+    code (hf: `transformers.AutoModelForCausalLM.from_pretrained(OUTPUT)`).
+
+    \b
+    Example:
+      moebuild export hf out/qwen-moe -o out/qwen-moe-hf
+    """
+    from moebuild.convert.checkpoints import export_checkpoint
+    from moebuild.model.pretrained import CheckpointError
+    from moebuild.output import OutputError
+
+    try:
+        untranslated = export_checkpoint(fmt, model_dir, output, force=force)
+    except (CheckpointError, OutputError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for part in untranslated:
+        click.echo(f"note: the {fmt} config has no field for the spec's {part} (training only); it is not exported")
+    click.echo(f"wrote {output}")
+
+
 @main.command()
 @click.argument("spec")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from moebuild.moe.experts import ExpertPool
 from moebuild.moe.layer import MoELayer
 from moebuild.schemas import ModelSpec
+from moebuild.spec.loading import PICKLES_REFUSED
 
 # Dense FFN tensor names in a transformers checkpoint -> how they stack into a pool.
 _GATED_FFN = ("gate_proj", "up_proj", "down_proj")
@@ -40,7 +41,8 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         files = [p.name for p in sorted(directory.glob("*.safetensors"))]
     if not files:
-        raise CheckpointError(f"{path}: no .safetensors files (only safetensors weights are loaded)")
+        pickles = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+        raise CheckpointError(f"{path}: no .safetensors files ({PICKLES_REFUSED if pickles else 'only safetensors weights are loaded'})")
     state: dict[str, torch.Tensor] = {}
     for name in files:
         try:

@@ -77,12 +77,15 @@ def _pretrained_problems(spec, root: Node) -> list[Diagnostic]:
             message = "is a file; give the checkpoint's directory" if directory.exists() else "no such directory"
         elif not any(directory.glob("*.safetensors")):
             pickles = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
-            message = ("holds no .safetensors files" + (" (only pickled .bin/.pt weights, which moebuild never "
-                       "loads: convert them with safetensors.torch.save_file)" if pickles else ""))
+            message = "holds no .safetensors files" + (f" ({PICKLES_REFUSED})" if pickles else "")
         else:
             continue
         problems.append(node.pos.error(where, f"{path!r}: {message}"))
     return problems
+
+
+PICKLES_REFUSED = ("only pickled .bin/.pt weights, which moebuild never loads (unpickling can run code): convert them "
+                   "once, where you trust them, with safetensors.torch.save_file or transformers' save_pretrained")
 
 
 def resolve_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
