@@ -36,13 +36,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from moebuild.model.pretrained import CheckpointError
 from moebuild.model.processing import candidate_grids
 from moebuild.schemas import ModelSpec
-
-from .tensors import TensorSource, check_complete
 
 SHARED, ROUTED = "shared", "routed"  # pool names, as the zoo's deepseek-vl2 presets
 # The original classes' defaults (modeling_deepseek_vl_v2.py, configuration_deepseek.py).
