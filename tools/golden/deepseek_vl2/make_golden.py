@@ -46,7 +46,6 @@ Usage (in the golden environment): python make_golden.py --src DeepSeek-VL2-chec
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 from pathlib import Path
