@@ -35,10 +35,15 @@ MLP where transformers' SigLIP head uses the tanh approximation. Neither model c
 from __future__ import annotations
 
 import math
+import re
+
+import torch
 
 from moebuild.model.pretrained import CheckpointError
 from moebuild.model.processing import candidate_grids
 from moebuild.schemas import ModelSpec
+
+from .tensors import TensorSource, check_complete, expected_shapes
 
 SHARED, ROUTED = "shared", "routed"  # pool names, as the zoo's deepseek-vl2 presets
 # The original classes' defaults (modeling_deepseek_vl_v2.py, configuration_deepseek.py).
@@ -335,3 +340,152 @@ def untranslated(spec: ModelSpec) -> list[str]:
         return []
     kept = next((t for t in spec.moe.balancing if t.type in ("seq_aux", "load_balance") and t.tokens == "all"), None)
     return [f"balancing term {t.type}" for t in spec.moe.balancing if t is not kept]
+
+
+# ------------------------------------------------------------------------------------ tensors
+
+_V = r"vision\.vision_model\."
+_PLAIN = [(re.compile(pattern), replacement) for pattern, replacement in (  # moebuild name -> original name
+    (_V + r"embeddings\.patch_embedding\.", "vision.patch_embed.proj."),
+    (_V + r"encoder\.layers\.(\d+)\.layer_norm1\.", r"vision.blocks.\1.norm1."),
+    (_V + r"encoder\.layers\.(\d+)\.layer_norm2\.", r"vision.blocks.\1.norm2."),
+    (_V + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"vision.blocks.\1.attn.proj."),
+    (_V + r"encoder\.layers\.(\d+)\.mlp\.", r"vision.blocks.\1.mlp."),
+    (_V + r"post_layernorm\.", "vision.norm."),
+    (_V + r"head\.probe$", "vision.attn_pool.latent"),
+    (_V + r"head\.attention\.out_proj\.", "vision.attn_pool.proj."),
+    (_V + r"head\.layernorm\.", "vision.attn_pool.norm."),
+    (_V + r"head\.mlp\.", "vision.attn_pool.mlp."),
+    (r"connector\.image_newline$", "image_newline"),
+    (r"connector\.view_separator$", "view_seperator"),  # sic
+    (r"connector\.projector\.layers\.", "projector.layers."),
+    (r"language\.", "language."),
+)]
+_POS = "vision.vision_model.embeddings.position_embedding.weight"
+_QKV = re.compile(_V + r"encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$")
+_IN_PROJ = re.compile(_V + r"head\.attention\.in_proj_(weight|bias)$")
+
+
+def _special(key: str, moe_layers: set[int]) -> bool:
+    """Tensors that are not a rename: reshaped, split or fused, or inside an MoE layer."""
+    if key == _POS or _QKV.match(key) or _IN_PROJ.match(key):
+        return True
+    parts = key.split(".")
+    return key.startswith("language.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp"
+
+
+def _original_name(key: str, spec: ModelSpec) -> str:
+    if spec.connector.type == "linear" and key.startswith("connector.projector.layers.0."):
+        return "projector.layers." + key.removeprefix("connector.projector.layers.0.")  # a bare nn.Linear there
+    for pattern, replacement in _PLAIN:
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
+    raise CheckpointError(f"moebuild tensor {key} has no DeepSeek-VL2 name")
+
+
+def _moe_names(spec: ModelSpec, layer: int) -> dict:
+    topk, dense = _route_indices(spec)
+    ours, theirs = f"language.model.layers.{layer}.mlp.", f"language.model.layers.{layer}.mlp."
+    names = {"router": f"{ours}routes.{topk}.router.", "gate": theirs + "gate.",
+             "routed": f"{ours}pools.{spec.moe.routes[topk].pool}.", "experts": theirs + "experts."}
+    if dense is not None:
+        names |= {"shared": f"{ours}pools.{spec.moe.routes[dense].pool}.", "shared_experts": theirs + "shared_experts."}
+    return names
+
+
+def _read_moe(source: TensorSource, spec: ModelSpec, layer: int, out: dict) -> None:
+    names, (topk, dense) = _moe_names(spec, layer), _route_indices(spec)
+    out[names["router"] + "weight"] = source.take(names["gate"] + "weight")
+    if spec.moe.routes[topk].router.bias:
+        out[names["router"] + "e_score_correction_bias"] = source.take(names["gate"] + "e_score_correction_bias")
+    num_experts = spec.moe.pools[spec.moe.routes[topk].pool].num_experts
+    gate, up, down = ([source.take(f"{names['experts']}{e}.{proj}.weight") for e in range(num_experts)] for proj in FFN)
+    complete = all(t is not None for t in gate + up + down)
+    out[names["routed"] + "gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gate, up)]) if complete else None
+    out[names["routed"] + "down_proj"] = torch.stack(down) if complete else None
+    if dense is not None:  # one MLP of n_shared * I -> n_shared experts of I
+        parts = spec.moe.pools[spec.moe.routes[dense].pool].num_experts
+        gate, up, down = (source.take(f"{names['shared_experts']}{proj}.weight") for proj in FFN)
+        complete = gate is not None and up is not None and down is not None
+        out[names["shared"] + "gate_up_proj"] = torch.stack(
+            [torch.cat(gu) for gu in zip(gate.chunk(parts), up.chunk(parts))]) if complete else None
+        out[names["shared"] + "down_proj"] = torch.stack(down.chunk(parts, dim=1)) if complete else None
+
+
+def _cat(*tensors, dim: int = 0):
+    return None if any(t is None for t in tensors) else torch.cat(tensors, dim=dim)
+
+
+def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """A DeepSeek-VL2 state dict -> moebuild's; every missing, left-over or mis-shaped tensor in one error."""
+    if spec.moe is not None:
+        _route_indices(spec)
+    source = TensorSource(state, "the DeepSeek-VL2 checkpoint")
+    moe_layers = set(spec.moe_layers())
+    out: dict[str, torch.Tensor | None] = {}
+    for key in expected_shapes(spec):
+        if not _special(key, moe_layers):
+            out[key] = source.take(_original_name(key, spec))
+    if spec.language.tie_word_embeddings and "language.lm_head.weight" not in state:
+        source.missing.remove("language.lm_head.weight")  # tied: save_pretrained writes the embedding alone
+        out["language.lm_head.weight"] = out["language.model.embed_tokens.weight"]
+    pos = source.take("vision.pos_embed")
+    out[_POS] = None if pos is None else pos.reshape(-1, pos.shape[-1])  # [1, N, D] -> [N, D]
+    ours = "vision.vision_model.encoder.layers.{}.self_attn.{}_proj.{}"
+    for i in range(spec.vision.num_layers):
+        for kind in ("weight", "bias"):
+            qkv = source.take(f"vision.blocks.{i}.attn.qkv.{kind}")  # rows: q, then k, then v (timm's reshape)
+            for name, part in zip("qkv", qkv.chunk(3) if qkv is not None else (None,) * 3):
+                out[ours.format(i, name, kind)] = part
+    if spec.vision.use_head:
+        for kind in ("weight", "bias"):
+            fused = _cat(source.take(f"vision.attn_pool.q.{kind}"), source.take(f"vision.attn_pool.kv.{kind}"))
+            out[f"vision.vision_model.head.attention.in_proj_{kind}"] = fused  # q rows, then k, then v
+    for layer in sorted(moe_layers):
+        _read_moe(source, spec, layer, out)
+    return check_complete(out, spec, source)
+
+
+def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+    """moebuild's state dict -> (DeepSeek-VL2 config.json, its state dict)."""
+    config = config_from_spec(spec)
+    source = TensorSource(state, "the moebuild model")
+    moe_layers = set(spec.moe_layers())
+    out: dict[str, torch.Tensor] = {}
+    for key in state:
+        if not _special(key, moe_layers):
+            out[_original_name(key, spec)] = source.take(key)
+    out["vision.pos_embed"] = source.take(_POS)[None]
+    ours = "vision.vision_model.encoder.layers.{}.self_attn.{}_proj.{}"
+    for i in range(spec.vision.num_layers):
+        for kind in ("weight", "bias"):
+            out[f"vision.blocks.{i}.attn.qkv.{kind}"] = torch.cat([source.take(ours.format(i, n, kind)) for n in "qkv"])
+    if spec.vision.use_head:
+        width = spec.vision.hidden_size
+        for kind in ("weight", "bias"):
+            fused = source.take(f"vision.vision_model.head.attention.in_proj_{kind}")
+            out[f"vision.attn_pool.q.{kind}"], out[f"vision.attn_pool.kv.{kind}"] = fused[:width], fused[width:]
+    for layer in sorted(moe_layers):
+        _write_moe(source, spec, layer, out)
+    if source.missing or source.left_over():
+        raise CheckpointError(f"the moebuild model does not fit spec {spec.name}; missing: {source.missing}; "
+                              f"left over: {source.left_over()}")
+    return config, {key: value.contiguous() for key, value in out.items()}
+
+
+def _write_moe(source: TensorSource, spec: ModelSpec, layer: int, out: dict) -> None:
+    names, (topk, dense) = _moe_names(spec, layer), _route_indices(spec)
+    out[names["gate"] + "weight"] = source.take(names["router"] + "weight")
+    if spec.moe.routes[topk].router.bias:
+        out[names["gate"] + "e_score_correction_bias"] = source.take(names["router"] + "e_score_correction_bias")
+    gate_up, down = source.take(names["routed"] + "gate_up_proj"), source.take(names["routed"] + "down_proj")
+    for e, (gu, d) in enumerate(zip(gate_up, down)):
+        gate, up = gu.chunk(2)
+        out |= {f"{names['experts']}{e}.gate_proj.weight": gate, f"{names['experts']}{e}.up_proj.weight": up,
+                f"{names['experts']}{e}.down_proj.weight": d}
+    if dense is not None:
+        gate_up, down = source.take(names["shared"] + "gate_up_proj"), source.take(names["shared"] + "down_proj")
+        gates, ups = zip(*(gu.chunk(2) for gu in gate_up))
+        prefix = names["shared_experts"]
+        out |= {prefix + "gate_proj.weight": torch.cat(gates), prefix + "up_proj.weight": torch.cat(ups),
+                prefix + "down_proj.weight": torch.cat(list(down), dim=1)}
