@@ -339,7 +339,10 @@ def untranslated(spec: ModelSpec) -> list[str]:
     if spec.moe is None:
         return []
     kept = next((t for t in spec.moe.balancing if t.type in ("seq_aux", "load_balance") and t.tokens == "all"), None)
-    return [f"balancing term {t.type}" for t in spec.moe.balancing if t is not kept]
+    lost = [f"balancing term {t.type}" for t in spec.moe.balancing if t is not kept]
+    biased = [r.router for r in spec.moe.routes if r.router.type == "topk" and not isinstance(r.router.bias, bool)]
+    # noaux_tc cannot train in DeepSeek-VL2's code (MoEGate asserts eval): the bias is exported as loaded
+    return lost + [f"correction-bias update_rate {r.bias.update_rate}" for r in biased]
 
 
 # ------------------------------------------------------------------------------------ tensors

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import moebuild
 from moebuild.convert import deepseek_vl2
 from moebuild.model.pretrained import CheckpointError
 from moebuild.model.vlm import build
@@ -133,3 +134,20 @@ def test_left_out_fields_take_the_original_defaults():
     assert "depth" not in config["projector_config"]  # MlpProjectorConfig's default, 2
     data = deepseek_vl2.spec_from_config(config, name="x")
     assert data["language"]["vocab_size"] == 102400 and data["connector"]["depth"] == 2
+
+
+@pytest.mark.parametrize("preset", ["deepseek-vl2-tiny", "deepseek-vl2-small", "deepseek-vl2-base", "micro-deepseek-vl2"])
+def test_zoo_presets_export_and_come_back(preset):
+    """The published sizes as original configs, and back to the same model (None = the family default)."""
+    spec = moebuild.load_spec(preset)
+    config = deepseek_vl2.config_from_spec(spec)
+    again = ModelSpec.model_validate(deepseek_vl2.spec_from_config(config, name=preset))
+    assert (again.vision, again.connector) == (spec.vision, spec.connector)
+    defaults = {"head_dim": spec.language.hidden_size // spec.language.num_heads, "hidden_act": "silu", "qkv_bias": False}
+    ours, theirs = spec.language.model_dump(), again.language.model_dump()
+    assert {k: defaults[k] if v is None and k in defaults else v for k, v in ours.items()} == \
+        {k: defaults[k] if v is None and k in defaults else v for k, v in theirs.items()}
+    assert again.moe_layers() == spec.moe_layers() and again.moe.pools == spec.moe.pools
+    assert again.moe.balancing == spec.moe.balancing
+    if preset == "deepseek-vl2-base":  # exported as loaded: DeepSeek-VL2's noaux_tc gate cannot train
+        assert deepseek_vl2.untranslated(spec) == ["correction-bias update_rate 0.001"]
