@@ -151,3 +151,19 @@ def test_zoo_presets_export_and_come_back(preset):
     assert again.moe.balancing == spec.moe.balancing
     if preset == "deepseek-vl2-base":  # exported as loaded: DeepSeek-VL2's noaux_tc gate cannot train
         assert deepseek_vl2.untranslated(spec) == ["correction-bias update_rate 0.001"]
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small"])  # base: MoEGate's noaux_tc runs in eval mode only
+def test_training_losses_match_the_original(variant):
+    """LM loss and the summed sequence-level aux losses (MoEGate's alpha * loss per MoE layer)."""
+    _, spec, state, golden = load_variant(variant)
+    model = build(spec)
+    model.load_state_dict(deepseek_vl2.to_moebuild(state, spec), strict=True)
+    model.train()
+    pixel_values, grids = moebuild_images(golden)
+    with torch.no_grad():
+        for case, extra in (("text", {}), ("image", {"pixel_values": pixel_values, "image_grids": grids})):
+            ids = golden[f"{case}.input_ids"]
+            out = model(input_ids=ids, labels=ids, **extra)
+            torch.testing.assert_close(out.lm_loss, golden[f"{case}.train_lm_loss"], atol=ATOL, rtol=0)
+            torch.testing.assert_close(out.aux_losses["seq_aux"], golden[f"{case}.train_aux_loss"], atol=1e-7, rtol=0)

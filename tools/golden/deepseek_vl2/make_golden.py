@@ -38,7 +38,8 @@ tokens per view.
 Written per variant under OUT/<variant>/: model.safetensors (the original state dict),
 config.json (the original DeepseekVLV2Config as save_pretrained writes it:
 only the fields that differ from the defaults, like the released files), golden.safetensors (inputs, logits and the
-intermediate vision features / input embeddings, fp32).
+intermediate vision features / input embeddings; for tiny and small also the training-mode LM loss and the
+summed MoEGate aux losses, fp32).
 
 Usage (in the golden environment): python make_golden.py --src DeepSeek-VL2-checkout --out DIR
 """
@@ -206,6 +207,28 @@ class GateRecorder:
             handle.remove()
 
 
+def training_losses(model, text: dict, image: dict) -> dict:
+    """In training mode (no dropout anywhere): the LM loss with labels = input_ids, and the sum over
+    MoE layers of MoEGate's aux_loss (alpha * the sequence-level balance loss). The original adds the
+    aux loss to the gradient only (AddAuxiliaryLoss), never to `loss`, so it is taken from the gates."""
+    from deepseek_vl2.models.modeling_deepseek import MoEGate
+
+    aux = []
+    gates = [m for m in model.modules() if isinstance(m, MoEGate)]
+    handles = [g.register_forward_hook(lambda m, a, o: aux.append(o[2])) for g in gates]
+    model.train()
+    losses = {}
+    for case, inputs in (("text", text), ("image", image)):
+        aux.clear()
+        losses[f"{case}.train_lm_loss"] = model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
+        assert len(aux) == len(gates)
+        losses[f"{case}.train_aux_loss"] = torch.stack(aux).sum()
+    model.eval()
+    for handle in handles:
+        handle.remove()
+    return losses
+
+
 def run_variant(variant: str, out: Path) -> None:
     from deepseek_vl2.models.modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM
     from safetensors.torch import save_file
@@ -231,6 +254,8 @@ def run_variant(variant: str, out: Path) -> None:
         golden["image.logits"] = model(**image, use_cache=False).logits
         golden["image.vision_features"] = features["vision_features"]
     recorder.remove()
+    if config.language_config.topk_method != "noaux_tc":  # MoEGate asserts eval mode for noaux_tc
+        golden |= training_losses(model, text, image)
     margin = min(recorder.margins)
     if margin < MARGIN:
         sys.exit(f"{variant}: routing margin {margin:.2e} < {MARGIN}: change SEED or the router scale")
