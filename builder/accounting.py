@@ -212,6 +212,10 @@ def _head_dim(lang) -> int:
     return lang.head_dim if free and lang.head_dim else lang.hidden_size // lang.num_heads
 
 
+def _lm_head_bias(lang) -> bool:
+    return FAMILIES[lang.type].lm_head_bias if lang.lm_head_bias is None else lang.lm_head_bias
+
+
 def _qkv_bias(lang) -> bool:
     fixed = FAMILIES[lang.type].fixed_qkv_bias
     return fixed if fixed is not None else bool(lang.qkv_bias)
@@ -285,7 +289,7 @@ def language_component(spec: ModelSpec, modality: str, context: int = DEFAULT_CO
     attn = _attention(lang)
     ffn, ffn_weights = _dense_ffn(lang)
     norms = (n * layout.norms_per_layer + 1) * layout.norm_params * h
-    lm_head = (0 if lang.tie_word_embeddings else h * vocab) + (vocab if layout.lm_head_bias else 0)
+    lm_head = (0 if lang.tie_word_embeddings else h * vocab) + (vocab if _lm_head_bias(lang) else 0)
     parts = {
         "embedding": _fixed(vocab * h),
         "attention": Part(n * attn.params, n * attn.params, n * 2 * (attn.weights + attn.score_dims * context)),

@@ -107,6 +107,7 @@ def build_language(node: LanguageSpec, *, moe: MoESpec | None = None, hf_config=
         hf_config,
         node.type,
         lambda i: build_module(moe, hidden_size=node.hidden_size) if i in moe_layers else None,
+        lm_head_bias=node.lm_head_bias,
     )
 
 

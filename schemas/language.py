@@ -94,6 +94,8 @@ class LanguageSpec(SpecModel):
     """Bias on the query/key/value projections; null = the family's default."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the LM head."""
+    lm_head_bias: bool | None = None
+    """Bias on the LM head; null = the family's (phi true, as microsoft/phi-2; MoE-LLaVA's Phi-2 has none)."""
 
     @model_validator(mode="after")
     def _head_rules(self):

@@ -211,16 +211,18 @@ class LanguageModel(nn.Module):
 
     def __init__(self, hf_config: PretrainedConfig, family: str,
                  ffn_factory: Callable[[int], nn.Module | None] = lambda i: None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 lm_head_bias: bool | None = None):
         super().__init__()
         fam = get_family(family)
+        lm_head_bias = fam.facts.lm_head_bias if lm_head_bias is None else lm_head_bias
         if not isinstance(hf_config, fam.config_cls):
             raise TypeError(f"family {family!r} needs a {fam.config_cls.__name__}, got {type(hf_config).__name__}")
         self.config = hf_config
         self.family = family
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.model = DecoderStack(hf_config, fam, ffn_factory)
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=fam.facts.lm_head_bias)
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=lm_head_bias)
         if hf_config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if dtype is not None:

@@ -118,6 +118,8 @@ def _language_reference(spec: ModelSpec) -> dict[str, int]:
     moe_layers = set(spec.moe_layers())
     for name, param in model.named_parameters():
         part = _part_of(name, moe_layers)
+        if name == "lm_head.bias" and spec.language.lm_head_bias is False:
+            continue  # transformers' Phi always has it; MoE-LLaVA's Phi-2 head has none
         if part is not None:
             parts[part] += param.numel()
     return parts
