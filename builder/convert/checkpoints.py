@@ -32,7 +32,10 @@ def format_module(name: str):
 
 
 def read_config(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
+    return _read_json(Path(directory) / "config.json")
+
+
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except OSError:
@@ -43,7 +46,13 @@ def read_config(directory: Path) -> dict:
 
 def spec_of(fmt: str, checkpoint_dir: Path, name: str | None = None) -> ModelSpec:
     """The spec a foreign checkpoint's config.json describes."""
-    data = format_module(fmt).spec_from_config(read_config(checkpoint_dir), name=name or Path(checkpoint_dir).name)
+    module = format_module(fmt)
+    config = read_config(checkpoint_dir)
+    for filename, key in getattr(module, "COMPANIONS", {}).items():  # configs the format keeps beside config.json
+        path = Path(checkpoint_dir) / filename
+        if path.is_file() and key not in config:
+            config[key] = _read_json(path)
+    data = module.spec_from_config(config, name=name or Path(checkpoint_dir).name)
     return ModelSpec.model_validate(data)
 
 
