@@ -403,6 +403,51 @@ def bench(what, experts, top_k, hidden, intermediate, shared_experts, tokens, ba
                else format_table(cfg, results))
 
 
+@main.command()
+@click.argument("source", metavar="SPEC_OR_MODEL_DIR")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="LLaVA-format records (.json list or .jsonl); image paths relative to the file or --image-folder.")
+@click.option("--stage", help="Training stage of the spec to run (training.stages); default: train everything.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory: checkpoint-<step>/ model directories and log.jsonl.")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimiser steps in all.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order (and of a fresh model).")
+@click.option("--image-folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def train(source: str, data: Path, stage: str | None, output: Path, steps: int, resume: bool, batch_size: int,
+          lr: float, save_every: int, log_every: int, max_length: int, seed: int, image_folder: Path | None):
+    """Train SPEC_OR_MODEL_DIR (a spec, preset or model directory) for one stage on LLaVA-format data."""
+    from transformers.utils import logging as hf_logging
+
+    import moebuild.train as training
+    from moebuild.model.pretrained import CheckpointError
+
+    hf_logging.disable_progress_bar()  # moebuild's own bar counts the steps; no shard-writing bars
+
+    settings = training.Settings(stage=stage, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                 save_every=save_every, log_every=log_every, max_length=max_length)
+    try:
+        model = training.load_model(source, seed)
+        if stage is not None and model.spec.training and stage in [s.name for s in model.spec.training.stages]:
+            click.echo(str(model.apply_stage(stage)))
+        with click.progressbar(length=steps, label="training", show_pos=True,
+                               item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}") as bar:
+            def progress(step: int, loss: float) -> None:
+                bar.current_item = loss
+                bar.update(step - bar.pos)
+
+            run = training.train(model, data, output, settings, resume=resume, image_folder=image_folder,
+                                 progress=progress)
+    except (training.TrainError, training.DataError, CheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {output / f'checkpoint-{run.step:06d}'} (step {run.step}); log: {output / 'log.jsonl'}")
+
+
 def _scaled(value: float, units: list[str], base: int) -> str:
     for unit in units[:-1]:
         if abs(value) < base:

@@ -53,6 +53,8 @@ class ModelSpec(SpecModel):
     """Language decoder."""
     moe: MoESpec | None = None
     """MoE layers; null = a dense model."""
+    tokenizer: str | None = None
+    """Local transformers tokenizer directory; null = the built-in byte-level tokenizer (byte b -> id b + 3)."""
     tokens: TokenIdsSpec = Field(default_factory=TokenIdsSpec)
     """Special token ids."""
     training: TrainingSpec | None = None

@@ -341,11 +341,16 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             if isinstance(module, MoELayer):
                 module.update_balancing()
 
-    def trainable_for_stage(self, stage: str) -> dict[str, int]:
-        """Freeze everything but the stage's `trainable` patterns; return trainable counts per group."""
+    def apply_stage(self, stage: str):
+        """Freeze everything but the stage's `trainable` patterns; a `StageCounts` of trainable and
+        frozen parameters per component (vision, connector, language, moe)."""
         from moebuild.model.training import apply_stage
 
         return apply_stage(self, stage)
+
+    def trainable_for_stage(self, stage: str) -> dict[str, int]:
+        """`apply_stage(stage).trainable`: trainable counts per component."""
+        return self.apply_stage(stage).trainable
 
 
 def build(spec, device=None, dtype=None, seed: int | None = None) -> MoEVLMForConditionalGeneration:

@@ -1,5 +1,7 @@
 """`pretrained:` checkpoints: strict loading, and the dense FFN upcycled into every expert."""
 
+import json
+
 import pytest
 import torch
 from transformers import CLIPVisionModel, StableLmForCausalLM
@@ -77,3 +79,24 @@ def test_vision_weights_under_a_full_clip_prefix_load(tmp_path):
     loaded = build(moebuild.load_spec("micro-moe-llava", overrides=[f"vision.pretrained={tmp_path}"]))
     for key, tensor in loaded.vision.vision_model.state_dict().items():
         assert torch.equal(tensor, state[f"vision_model.{key}"]), key
+
+
+@pytest.mark.parametrize("router", [
+    {"type": "topk", "top_k": 2, "normalize": True},
+    {"type": "deepspeed_top2", "eval_noise": False},  # MoE-LLaVA's gate, dropless: its kept gates renormalised
+])
+def test_upcycled_model_computes_what_the_dense_checkpoint_does(language_dir, router):
+    """Every expert a copy of the dense FFN and the gates summing to 1: MoE-LLaVA's stage-3 start is
+    the dense model, whatever the (random) router picks."""
+    path, dense_state = language_dir
+    route = {"tokens": "all", "pool": "experts", "causal": False, "router": router}
+    spec = moebuild.load_spec("micro-moe-llava", overrides=[f"language.pretrained={path}",
+                                                            f"moe.routes=[{json.dumps(route)}]"])
+    model = build(spec).eval()
+    dense = StableLmForCausalLM(language_hf_config(spec.language)).eval()
+    dense.load_state_dict(dense_state)
+    ids = torch.randint(3, 400, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
+    picks = model.language.layers[0].mlp.routes[0].router.weight
+    assert picks.std() > 0  # the router is random, not a tie the test would pass through

@@ -1,0 +1,64 @@
+"""Tokenizers for prompts and training text: the spec's own (`tokenizer:`, a local transformers
+tokenizer directory) or, when it names none, a built-in byte-level one for tests and toy runs.
+
+The byte-level tokenizer needs no files: byte b is id b + 3 after three specials (pad 0, bos 1,
+eos 2, the spec's `tokens` defaults), so any vocabulary of at least 259 ids (the micro presets
+have 512) reads any UTF-8 text. The image placeholder is the spec's `image_token_id`, which must
+lie outside the byte range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIALS = 3  # pad, bos, eos
+BYTES = 256
+
+
+class ByteTokenizer:
+    def __init__(self, vocab_size: int, image_token_id: int | None = None, *, pad: int = 0, bos: int = 1, eos: int = 2):
+        if vocab_size < SPECIALS + BYTES:
+            raise ValueError(f"the byte-level tokenizer needs a vocabulary of at least {SPECIALS + BYTES} ids, "
+                             f"the spec has {vocab_size}; name a tokenizer directory in the spec (tokenizer: ...)")
+        if image_token_id is not None and SPECIALS <= image_token_id < SPECIALS + BYTES:
+            raise ValueError(f"image token id {image_token_id} is a byte id of the byte-level tokenizer "
+                             f"({SPECIALS}..{SPECIALS + BYTES - 1}); set tokens.image outside that range")
+        self.vocab_size, self.image_token_id = vocab_size, image_token_id
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad, bos, eos
+
+    def encode(self, text: str) -> list[int]:
+        return [b + SPECIALS for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - SPECIALS for i in ids if SPECIALS <= i < SPECIALS + BYTES).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A local transformers tokenizer, with the spec's special ids."""
+
+    def __init__(self, directory: str, spec):
+        from transformers import AutoTokenizer
+
+        path = Path(directory)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer: {directory!r} is not a local tokenizer directory")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never runs a file's code
+        if len(self.tokenizer) > spec.language.vocab_size:
+            raise ValueError(f"tokenizer {directory} has {len(self.tokenizer)} ids, more than the spec's vocab_size "
+                             f"{spec.language.vocab_size}")
+        self.image_token_id = spec.image_token_id
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = spec.tokens.pad, spec.tokens.bos, spec.tokens.eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(spec) -> ByteTokenizer | HFTokenizer:
+    """The spec's tokenizer, or the byte-level one when it names none."""
+    if spec.tokenizer is not None:
+        return HFTokenizer(spec.tokenizer, spec)
+    t = spec.tokens
+    return ByteTokenizer(spec.language.vocab_size, spec.image_token_id, pad=t.pad, bos=t.bos, eos=t.eos)

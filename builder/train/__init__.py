@@ -1,0 +1,56 @@
+"""Training a spec through its stages: LLaVA-format data (`data`), the loop with exact resume
+(`loop`), and a synthetic image+text task for tests and first runs (`synthetic`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moebuild.train.data import DataError, Encoder, encode_file
+from moebuild.train.loop import Run, Settings, TrainError, checkpoints
+
+__all__ = ["DataError", "Run", "Settings", "TrainError", "load_model", "train"]
+
+
+def load_model(source: str, seed: int = 0):
+    """A model directory (config.json there) loads its weights; a spec or preset name builds fresh ones."""
+    from moebuild.model.vlm import MoEVLMForConditionalGeneration, build
+
+    if (Path(source) / "config.json").is_file():
+        return MoEVLMForConditionalGeneration.from_pretrained(source)
+    return build(source, seed=seed)
+
+
+def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, resume: bool = False,
+          image_folder: str | Path | None = None, progress=None) -> Run:
+    """Train `source` (a model, model directory, spec or preset) on `data` into `run_dir`."""
+    from moebuild.model.tokenizer import load_tokenizer
+    from moebuild.registry import build_processor
+
+    run_dir = Path(run_dir)
+    if resume and not checkpoints(run_dir):
+        raise TrainError(f"{run_dir}: no checkpoint to resume from (run without --resume to start)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        verb = "--resume continues it" if checkpoints(run_dir) else "choose an empty or new directory"
+        raise TrainError(f"{run_dir} exists and is not empty ({verb})")
+    model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
+    spec = model.spec
+    stages = [s.name for s in spec.training.stages] if spec.training else []
+    if settings.stage is not None and settings.stage not in stages:
+        raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
+    try:
+        tokenizer = load_tokenizer(spec)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    processor = None if spec.text_only else build_processor(spec)
+    encoder = Encoder(tokenizer, processor, spec.image_token_id, settings.max_length)
+    examples = encode_file(Path(data), encoder, image_folder)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(model, examples, Path(data), run_dir, settings, tokenizer.pad_token_id)
+    if resume:
+        run.resume()  # restores the RNG the run's router noise draws from
+    else:
+        torch.manual_seed(settings.seed)  # a fresh run's noise is a function of its seed, as on resume
+    run.train(progress)
+    return run

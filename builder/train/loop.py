@@ -1,0 +1,190 @@
+"""`moebuild train`: one stage of a spec's training recipe on one machine.
+
+A plain loop rather than transformers' `Trainer`: Trainer's checkpoints keep the optimiser, the
+scheduler and the RNG as pickles (`optimizer.pt`, `rng_state.pth`), and moebuild loads no pickle.
+Here every checkpoint is a model directory (`from_pretrained` loads it) with its training state
+beside it in safetensors and JSON, so `--resume` continues at the same step with the same loss
+curve: the batch of step s is a function of (seed, s), and the RNG that draws router noise is
+saved and restored. The model also trains unchanged under a user's own `Trainer`.
+
+Run directory: `checkpoint-<step>/` (model.safetensors, config.json, spec.yaml, and
+`training_state/` with optimizer.safetensors, rng.safetensors, state.json) and `log.jsonl`, one
+line per logged step: the loss, the LM loss, every balancing term and each MoE layer's expert
+load per route and modality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moebuild.output import write_model_dir
+
+STATE = "training_state"
+
+
+class TrainError(ValueError):
+    """A run that cannot start or resume: says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    stage: str | None
+    steps: int
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    max_length: int = 1024
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The examples of step `step` (0-based): consecutive slots of per-epoch seeded permutations."""
+    out, cache = [], {}
+    for slot in range(step * batch_size, (step + 1) * batch_size):
+        epoch = slot // n
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(cache[epoch][slot % n])
+    return out
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / STATE / "state.json").is_file())
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _optimizer(model, settings: Settings) -> tuple[torch.optim.Optimizer, list[str]]:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW([params[n] for n in names], lr=settings.lr, weight_decay=settings.weight_decay)
+    return optimizer, names
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], path: Path) -> None:
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"{names[index]}::{key}"] = value.reshape(-1) if value.ndim == 0 else value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], path: Path) -> None:
+    tensors = load_file(path)
+    state = optimizer.state_dict()
+    by_index: dict[int, dict] = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit("::", 1)
+        if name not in names:
+            raise TrainError(f"{path}: optimiser state for {name}, which this stage does not train")
+        by_index.setdefault(names.index(name), {})[field] = value.reshape(()) if field == "step" else value
+    state["state"] = by_index
+    optimizer.load_state_dict(state)
+
+
+def _log_record(step: int, out, lm_loss: float) -> dict:
+    record = {"step": step, "loss": out.loss.item(), "lm_loss": lm_loss}
+    record |= {name: value.item() for name, value in out.aux_losses.items()}
+    if out.router_stats:
+        record["load"] = {str(layer.layer_idx): {route: {modality: s["load"].tolist() for modality, s in groups.items()}
+                                                 for route, groups in layer.stats.items()}
+                          for layer in out.router_stats}
+    return record
+
+
+class Run:
+    """One stage trained into `run_dir`, from a model (fresh) or from the run's last checkpoint (resume)."""
+
+    def __init__(self, model, examples, data_path: Path, run_dir: Path, settings: Settings, pad_token_id: int):
+        self.model, self.examples, self.run_dir, self.settings = model, examples, Path(run_dir), settings
+        self.pad_token_id = pad_token_id
+        self.data_digest = _digest(data_path)
+        if settings.stage is not None:
+            model.apply_stage(settings.stage)
+        self.optimizer, self.names = _optimizer(model, settings)
+        if not self.names:
+            raise TrainError(f"stage {settings.stage!r} trains no parameter")
+        self.step = 0
+
+    def resume(self) -> None:
+        found = checkpoints(self.run_dir)
+        if not found:
+            raise TrainError(f"{self.run_dir}: no checkpoint to resume from")
+        last = found[-1]
+        state = json.loads((last / STATE / "state.json").read_text())
+        ours = asdict(self.settings)
+        changed = [k for k in ("stage", "batch_size", "lr", "weight_decay", "max_grad_norm", "seed", "max_length")
+                   if state["settings"][k] != ours[k]]
+        if changed:
+            was = ", ".join(f"{k}={state['settings'][k]!r}" for k in changed)
+            raise TrainError(f"{last}: the run was started with {was}; resume with the same settings")
+        if state["data_sha256"] != self.data_digest:
+            raise TrainError(f"{last}: the training data changed since the run started")
+        from moebuild.model.vlm import MoEVLMForConditionalGeneration
+
+        weights = MoEVLMForConditionalGeneration.from_pretrained(last).state_dict()
+        self.model.load_state_dict(weights, strict=True)
+        _load_optimizer(self.optimizer, self.names, last / STATE / "optimizer.safetensors")
+        torch.set_rng_state(load_file(last / STATE / "rng.safetensors")["cpu"])
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        target = self.run_dir / f"checkpoint-{self.step:06d}"
+
+        def write(directory: Path) -> None:
+            self.model.save_pretrained(directory)
+            (directory / STATE).mkdir()
+            _save_optimizer(self.optimizer, self.names, directory / STATE / "optimizer.safetensors")
+            save_file({"cpu": torch.get_rng_state()}, directory / STATE / "rng.safetensors")
+            state = {"step": self.step, "settings": asdict(self.settings), "data_sha256": self.data_digest}
+            (directory / STATE / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+        write_model_dir(target, write, force=target.exists())
+        return target
+
+    def train(self, progress=None) -> list[dict]:
+        """Steps from the current one to settings.steps; returns the logged records."""
+        from moebuild.train.data import collate
+
+        s, model = self.settings, self.model
+        model.train()
+        log_path = self.run_dir / "log.jsonl"
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step] \
+            if log_path.exists() else []
+        log_path.write_text("".join(line + "\n" for line in kept))  # a resumed run rewrites what followed its checkpoint
+        records = []
+        while self.step < s.steps:
+            batch = collate([self.examples[i] for i in batch_indices(self.step, s.batch_size, len(self.examples), s.seed)],
+                            self.pad_token_id)
+            logged = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
+            out = model(**batch, output_router_stats=logged)
+            if not math.isfinite(out.loss.item()):
+                raise TrainError(f"step {self.step + 1}: the loss is {out.loss.item()}; lower --lr")
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            model.update_balancing()
+            self.step += 1
+            if logged:
+                record = _log_record(self.step, out, out.lm_loss.item())
+                records.append(record)
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(self.step, out.loss.item())
+            if self.step % s.save_every == 0 or self.step == s.steps:
+                self.save()
+        return records

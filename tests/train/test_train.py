@@ -1,0 +1,218 @@
+"""`moebuild train` and the training API: LLaVA records to masked labels, the three stages in order,
+exact resume, checkpoints that load, clear refusals; and the model under a user's own Trainer and
+PEFT LoRA. The long learning run is marked slow."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import moebuild
+from moebuild.cli import main
+from moebuild.model.tokenizer import ByteTokenizer
+from moebuild.train import DataError, Settings, TrainError, train
+from moebuild.train.data import IGNORE, Encoder, collate
+from moebuild.train.synthetic import COLOURS, make_colour_task
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_colour_task(tmp_path_factory.mktemp("colours"), per_colour=2)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+
+
+def test_byte_tokenizer_round_trips_and_refuses_what_collides():
+    tokenizer = ByteTokenizer(512, image_token_id=511)
+    ids = tokenizer.encode("rouge ünd 🟥")
+    assert min(ids) >= 3 and max(ids) <= 258 and tokenizer.decode(ids) == "rouge ünd 🟥"
+    assert tokenizer.encode("A") == [ord("A") + 3]
+    with pytest.raises(ValueError, match="at least 259 ids"):
+        ByteTokenizer(128)
+    with pytest.raises(ValueError, match="image token id 100 is a byte id"):
+        ByteTokenizer(512, image_token_id=100)
+
+
+def test_a_record_trains_on_the_answers_only():
+    spec = moebuild.load_spec("micro-moe-llava")
+    tokenizer = ByteTokenizer(512, spec.image_token_id)
+
+    class Processor:  # four image tokens per picture
+        def __call__(self, images):
+            from moebuild.model.processing import ProcessedImages
+
+            return ProcessedImages(torch.zeros(len(images), 3, 8, 8), [4] * len(images))
+
+    encoder = Encoder(tokenizer, Processor(), spec.image_token_id, max_length=256)
+    record = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+                                {"from": "human", "value": "and?"}, {"from": "gpt", "value": "ok"}]}
+    example = encoder.encode(record, "r", None)
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    assert trained == tokenizer.encode("yo") + [2] + tokenizer.encode("ok") + [2]
+    prompt = tokenizer.decode(example.input_ids[: example.input_ids.index(tokenizer.encode("y")[0])])
+    assert prompt == "USER: hi\nASSISTANT: "
+    assert example.input_ids[0] == 1 and example.labels[0] == IGNORE  # bos
+
+
+def test_records_that_do_not_fit_are_named(tmp_path, task):
+    bad = [{"image": "images/red-0.png", "conversations": [{"from": "human", "value": "no placeholder"},
+                                                            {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "images").symlink_to(task.parent / "images")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    model = moebuild.build("micro-moe-llava")
+    with pytest.raises(DataError, match=r"bad.json: record 0: 0 <image> placeholders for 1 image"):
+        train(model, tmp_path / "bad.json", tmp_path / "run", Settings(stage="align", steps=1))
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}]))
+    with pytest.raises(DataError, match=r"record 0: image .*nope.png"):
+        train(model, tmp_path / "bad.json", tmp_path / "run", Settings(stage="align", steps=1))
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        train(model, tmp_path / "bad.json", tmp_path / "run", Settings(stage="align", steps=1))
+
+
+def test_collate_pads_right_and_ignores_padding():
+    from moebuild.train.data import Example
+
+    batch = collate([Example([1, 5, 6], [IGNORE, 5, 6], None), Example([1, 7], [IGNORE, 7], None)], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
+
+
+def test_stages_run_in_order_resume_exactly_and_checkpoints_load(tmp_path, task):
+    settings = dict(batch_size=3, lr=3e-3, log_every=1)
+    align = train("micro-moe-llava", task, tmp_path / "align", Settings(stage="align", steps=1, **settings))
+    start = tmp_path / "align" / "checkpoint-000001"
+    frozen = {n: p.clone() for n, p in align.model.named_parameters() if not n.startswith("connector.")}
+    loaded = moebuild.MoEVLMForConditionalGeneration.from_pretrained(start)
+    assert all(torch.equal(p, loaded.state_dict()[n]) for n, p in align.model.state_dict().items())
+    assert all(torch.equal(p, dict(loaded.named_parameters())[n]) for n, p in frozen.items())  # align trains the connector only
+
+    whole = train(start, task, tmp_path / "whole", Settings(stage="instruct", steps=4, save_every=2, **settings))
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    train(start, task, tmp_path / "split", Settings(stage="instruct", steps=2, **settings))
+    resumed = train(start, task, tmp_path / "split", Settings(stage="instruct", steps=4, save_every=2, **settings),
+                    resume=True)
+    assert resumed.step == 4 and losses(tmp_path / "split") == losses(tmp_path / "whole")  # the same curve, exactly
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+    moe = train(tmp_path / "whole" / "checkpoint-000004", task, tmp_path / "moe", Settings(stage="moe", steps=1, **settings))
+    counts = moe.model.apply_stage("moe")
+    assert counts.trainable["moe"] > 0 and counts.trainable["connector"] == 0 and counts.frozen["vision"] > 0
+    record = json.loads((tmp_path / "moe" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lm_loss", "switch_aux", "load"} <= record.keys()
+    load = record["load"]["0"]["all->experts"]
+    assert sum(load["text"]) + sum(load["image"]) == sum(load["all"]) > 0
+
+
+def test_the_cli_refuses_what_it_cannot_continue(tmp_path, task):
+    args = ["train", "micro-moe-llava", "--data", task, "--stage", "align", "--batch-size", 2, "--log-every", 1]
+    first = run(*args, "-o", tmp_path / "r", "--steps", 1)
+    assert first.exit_code == 0, first.output
+    assert "connector  trainable" in first.output and "wrote" in first.output
+    again = run(*args, "-o", tmp_path / "r", "--steps", 2)
+    assert again.exit_code == 1 and "--resume continues it" in again.output
+    changed = run(*args, "-o", tmp_path / "r", "--steps", 2, "--resume", "--lr", 0.5)
+    assert changed.exit_code == 1 and "started with lr=0.001" in changed.output
+    unknown = run("train", "micro-moe-llava", "--data", task, "--stage", "stage9", "-o", tmp_path / "u")
+    assert unknown.exit_code == 1 and "no training stage 'stage9'; the spec has align, instruct, moe" in unknown.output
+    assert not (tmp_path / "u").exists()
+    with pytest.raises(TrainError, match="no checkpoint to resume from"):
+        train("micro-moe-llava", task, tmp_path / "empty", Settings(stage="align", steps=1), resume=True)
+
+
+def test_stage_counts_cover_every_parameter():
+    model = moebuild.build("micro-moe-llava")
+    counts = model.apply_stage("moe")
+    total = {part: counts.trainable[part] + counts.frozen[part] for part in counts.trainable}
+    assert sum(total.values()) == sum(p.numel() for p in model.parameters())
+    assert total["vision"] == sum(p.numel() for p in model.vision.parameters())
+    assert counts.trainable == model.trainable_for_stage("moe")
+
+
+def test_a_users_own_trainer_trains_the_model(tmp_path, task):
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from moebuild.model.tokenizer import load_tokenizer
+    from moebuild.registry import build_processor
+    from moebuild.train.data import encode_file
+
+    model = moebuild.build("micro-moe-llava", seed=0)
+    examples = encode_file(task, Encoder(load_tokenizer(model.spec), build_processor(model.spec),
+                                         model.spec.image_token_id, 256))
+    before = model.connector.layers[0].weight.clone()
+    args = TrainingArguments(tmp_path / "hf", max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=examples,
+                     data_collator=lambda batch: collate(batch, pad_token_id=0)).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.connector.layers[0].weight)
+
+
+def test_peft_lora_on_attention_and_stacked_experts_matches_its_merged_weights():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    model = moebuild.build("micro-moe-llava", seed=0).eval()
+    ids = torch.randint(3, 300, (2, 9))
+
+    def logits(m):  # the same Gumbel draw in every call: deepspeed_top2 samples its second choice at eval too
+        torch.manual_seed(5)
+        return m(input_ids=ids).logits
+
+    with torch.no_grad():
+        base = logits(model)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["pools.experts.gate_up_proj", "pools.experts.down_proj"])
+    lora = get_peft_model(model, config)
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any("self_attn.q_proj.lora_B" in n for n in names) and any("pools.experts" in n and "lora_B" in n for n in names)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # LoRA starts at zero; move it so that it counts
+        adapted = logits(lora)
+        merged = logits(lora.merge_and_unload())
+    assert (adapted - base).abs().max() > 1e-3  # the experts' and attention's adapters change the output
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_colour_task_is_learned(tmp_path):
+    """Three stages on micro-moe-llava: the instruct stage takes the loss from ~5.6 to under 0.1."""
+    data = make_colour_task(tmp_path / "data", per_colour=4)
+    settings = dict(batch_size=8, lr=3e-3, log_every=10)
+    train("micro-moe-llava", data, tmp_path / "align", Settings(stage="align", steps=20, **settings))
+    first = losses(tmp_path / "align")[10]
+    instruct = train(tmp_path / "align" / "checkpoint-000020", data, tmp_path / "instruct",
+                     Settings(stage="instruct", steps=150, **settings))
+    train(tmp_path / "instruct" / "checkpoint-000150", data, tmp_path / "moe", Settings(stage="moe", steps=20, **settings))
+    last = losses(tmp_path / "moe")[20]
+    assert first > 4.0 and last < 0.1, (first, last)
+    model = moebuild.MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "moe" / "checkpoint-000020").eval()
+    from moebuild.model.tokenizer import load_tokenizer
+    from moebuild.registry import build_processor
+
+    tokenizer, processor = load_tokenizer(model.spec), build_processor(model.spec)
+    encoder = Encoder(tokenizer, processor, model.spec.image_token_id, 256)
+    right = 0
+    for name in COLOURS:
+        record = {"image": f"images/{name}-1.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour is this?"}]}
+        example = encoder.encode(record, "q", data.parent)
+        ids = torch.tensor([example.input_ids])
+        out = model.generate(input_ids=ids, pixel_values=example.pixel_values, max_new_tokens=8, do_sample=False)
+        right += tokenizer.decode(out[0, ids.shape[1]:].tolist()) == name
+    assert right >= 5, right
+    assert instruct.step == 150
