@@ -90,6 +90,7 @@ def language_hf_config(node: LanguageSpec):
         head_dim=node.head_dim,
         attention=node.attention.model_dump(),
         rope_theta=node.rope_theta,
+        rope_scaling=None if node.rope_scaling is None else node.rope_scaling.rope_parameters(node.rope_theta),
         partial_rotary_factor=node.partial_rotary_factor,
         max_position_embeddings=node.max_position_embeddings,
         norm_eps=node.norm_eps,

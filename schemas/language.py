@@ -21,6 +21,52 @@ from moebuild.schemas.families import FAMILIES, LanguageFamily
 _PARTIAL_ROTARY = sorted(name for name, facts in FAMILIES.items() if facts.partial_rotary)
 
 
+class RopeScalingSpec(SpecModel):
+    """Rotary position scaling, as transformers' `rope_parameters` (rope_type and its fields)."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
+    """linear (position interpolation), dynamic (NTK), yarn (DeepSeek-V2/V3, Qwen), llama3."""
+    factor: PositiveFloat = Field(le=1024)
+    """Context extension factor."""
+    original_max_position_embeddings: Positions | None = None
+    """Context the model was pretrained at (yarn, llama3; yarn's default: max_position_embeddings / factor)."""
+    beta_fast: PositiveFloat | None = None
+    """yarn: the fast boundary of the ramp (transformers' default 32)."""
+    beta_slow: PositiveFloat | None = None
+    """yarn: the slow boundary of the ramp (default 1)."""
+    mscale: PositiveFloat | None = None
+    """yarn (DeepSeek): the attention temperature's mscale."""
+    mscale_all_dim: float | None = Field(default=None, ge=0)
+    """yarn (DeepSeek): mscale_all_dim; with mscale it rescales the softmax too."""
+    attention_factor: PositiveFloat | None = None
+    """yarn: an explicit attention scaling factor."""
+    low_freq_factor: PositiveFloat | None = None
+    """llama3: low-frequency factor."""
+    high_freq_factor: PositiveFloat | None = None
+    """llama3: high-frequency factor."""
+
+    @model_validator(mode="after")
+    def _fields_of_the_type(self):
+        fields = {"yarn": {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                           "original_max_position_embeddings"},
+                  "llama3": {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}.get(self.type, set())
+        stray = [k for k in ("original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                             "attention_factor", "low_freq_factor", "high_freq_factor")
+                 if getattr(self, k) is not None and k not in fields]
+        if stray:
+            raise ValueError(f"rope scaling {self.type} has no {', '.join(stray)}")
+        if self.type == "llama3" and None in (self.low_freq_factor, self.high_freq_factor,
+                                              self.original_max_position_embeddings):
+            raise ValueError("llama3 rope scaling needs low_freq_factor, high_freq_factor and "
+                             "original_max_position_embeddings")
+        return self
+
+    def rope_parameters(self, rope_theta: float) -> dict:
+        """transformers' rope_parameters."""
+        extra = self.model_dump(exclude={"type"}, exclude_none=True)
+        return {"rope_type": self.type, "rope_theta": rope_theta, **extra}
+
+
 class MultiHeadAttentionSpec(SpecModel):
     """Standard multi-head attention: one key/value head per query head."""
 
@@ -86,6 +132,8 @@ class LanguageSpec(SpecModel):
     """Longest sequence the rotary embedding is set up for."""
     rope_theta: PositiveFloat = 10000.0
     """Rotary base frequency."""
+    rope_scaling: RopeScalingSpec | None = None
+    """Rotary position scaling (linear, dynamic, yarn, llama3); null = none."""
     partial_rotary_factor: float | None = Field(default=None, gt=0, le=1)
     """Share of each head that carries rotary position; null = the family's (stablelm 0.25, phi 0.4, else 1)."""
     norm_eps: PositiveFloat = 1e-5

@@ -43,6 +43,7 @@ from moebuild.model.pretrained import CheckpointError
 from moebuild.model.processing import candidate_grids
 from moebuild.schemas import ModelSpec
 
+from .hf import rope_scaling_section, rope_scaling_v4
 from .tensors import TensorSource, check_complete, expected_shapes
 
 SHARED, ROUTED = "shared", "routed"  # pool names, as the zoo's deepseek-vl2 presets
@@ -140,8 +141,6 @@ def _connector_section(projector: dict, vision: dict, language: dict) -> dict:
 
 
 def _language_section(language: dict) -> dict:
-    if language["rope_scaling"] is not None:
-        raise _refuse("rope_scaling: moebuild specs have no rope scaling yet")
     heads = language["num_attention_heads"]
     kv_heads = language["num_key_value_heads"] or heads
     lang = {
@@ -149,6 +148,7 @@ def _language_section(language: dict) -> dict:
         "num_heads": heads, "intermediate_size": language["intermediate_size"], "vocab_size": language["vocab_size"],
         "hidden_act": language["hidden_act"], "max_position_embeddings": language["max_position_embeddings"],
         "rope_theta": float(language["rope_theta"]), "norm_eps": float(language["rms_norm_eps"]),
+        "rope_scaling": rope_scaling_section(language["rope_scaling"], "DeepSeek-VL2 config: language_config.rope_scaling"),
         "tie_word_embeddings": bool(language["tie_word_embeddings"]), "qkv_bias": bool(language["attention_bias"]),
     }
     if language["use_mla"]:
@@ -296,7 +296,7 @@ def config_from_spec(spec: ModelSpec) -> dict:
         "intermediate_size": lang.intermediate_size, "num_hidden_layers": lang.num_layers,
         "num_attention_heads": lang.num_heads, "num_key_value_heads": lang.num_kv_heads or lang.num_heads,
         "hidden_act": lang.hidden_act or "silu", "max_position_embeddings": lang.max_position_embeddings,
-        "rms_norm_eps": lang.norm_eps, "rope_theta": lang.rope_theta, "rope_scaling": None,
+        "rms_norm_eps": lang.norm_eps, "rope_theta": lang.rope_theta, "rope_scaling": rope_scaling_v4(lang.rope_scaling),
         "attention_bias": bool(lang.qkv_bias), "tie_word_embeddings": lang.tie_word_embeddings,
         "use_mla": attention.type == "mla",
         **{key: getattr(attention, key, None) if attention.type == "mla" else (None if "lora" in key else 0)

@@ -25,8 +25,8 @@ them per expert on disk (`mlp.experts.E.{gate,up,down}_proj.weight`; Mixtral
 `to_moebuild` reads either; `from_moebuild` writes the on-disk naming. DeepSeek's shared experts
 are one MLP of width n_shared * I: its gate/up rows and down columns split into n_shared experts.
 
-Refused, with the reason: rope scaling (the spec has no rope_scaling yet), sliding-window
-attention, DeepSeek-V3 without interleaved rope, and on export every router or layout that
+Rope scaling (linear, dynamic, yarn, llama3) is `language.rope_scaling`. Refused, with the
+reason: other rope types, sliding-window attention, DeepSeek-V3 without interleaved rope, and on export every router or layout that
 transformers' model would compute differently (capacity, noise other than Mixtral's jitter,
 curricula, ...). Training-only parts of a spec that have no config field are listed by
 `untranslated` so the CLI can say what the exported config does not carry.
@@ -92,13 +92,37 @@ def _rope(config: dict) -> dict:
     if not rope:  # transformers 4 spelling
         rope = {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {})}
         rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     return rope
 
 
+ROPE_SCALING_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                     "mscale_all_dim", "attention_factor", "low_freq_factor", "high_freq_factor")
+
+
+def rope_scaling_section(rope: dict | None, what: str = "rope_parameters") -> dict | None:
+    """The spec's `language.rope_scaling` of a transformers rope_parameters / rope_scaling dict."""
+    rope = {k: v for k, v in (rope or {}).items() if k != "rope_theta"}
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "dynamic", "yarn", "llama3"):
+        raise CheckpointError(f"{what}: rope_type {kind!r}: moebuild has linear, dynamic, yarn and llama3")
+    unknown = sorted(rope.keys() - set(ROPE_SCALING_KEYS))
+    if unknown:
+        raise CheckpointError(f"{what}: {', '.join(unknown)} of {kind} rope scaling have no moebuild equivalent")
+    return {"type": kind, **{k: v for k, v in rope.items() if v is not None}}
+
+
+def rope_scaling_v4(scaling) -> dict | None:
+    """A spec's rope_scaling in transformers 4's `rope_scaling` spelling (`type`), as the original
+    DeepSeek-VL2 and MoE-LLaVA configs read it."""
+    if scaling is None:
+        return None
+    return {"type": scaling.type, **scaling.model_dump(exclude={"type"}, exclude_none=True)}
+
+
 def _refuse_unsayable(config: dict, model_type: str) -> None:
-    rope_type = _rope(config).get("rope_type", "default")
-    if rope_type != "default":
-        raise _refuse(f"rope_parameters.rope_type {rope_type!r}: moebuild specs have no rope scaling yet")
     if config.get("use_sliding_window") or (model_type == "mixtral" and config.get("sliding_window")):
         raise _refuse("sliding-window attention has no moebuild equivalent")
     if model_type == "deepseek_v3" and config.get("rope_interleave") is False:
@@ -122,6 +146,7 @@ def _language_section(config: dict, model_type: str) -> dict:
         "num_heads": heads, "intermediate_size": config["intermediate_size"], "vocab_size": config["vocab_size"],
         "hidden_act": config.get("hidden_act", "silu"),
         "max_position_embeddings": config["max_position_embeddings"], "rope_theta": float(_rope(config)["rope_theta"]),
+        "rope_scaling": rope_scaling_section(_rope(config), f"{model_type} config"),
         "norm_eps": config.get("rms_norm_eps", 1e-6), "tie_word_embeddings": bool(config.get("tie_word_embeddings")),
     }
     if LAYOUTS[model_type].mla:
@@ -335,7 +360,8 @@ def config_from_spec(spec: ModelSpec) -> dict:
         "hidden_size": lang.hidden_size, "num_hidden_layers": lang.num_layers, "num_attention_heads": heads,
         "num_key_value_heads": lang.num_kv_heads or heads, "vocab_size": lang.vocab_size,
         "hidden_act": lang.hidden_act or "silu", "max_position_embeddings": lang.max_position_embeddings,
-        "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"}, "rms_norm_eps": lang.norm_eps,
+        "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"} if lang.rope_scaling is None
+        else lang.rope_scaling.rope_parameters(lang.rope_theta), "rms_norm_eps": lang.norm_eps,
         "tie_word_embeddings": lang.tie_word_embeddings, "intermediate_size": lang.intermediate_size,
         **_check_router(spec, model_type, routes),
     }

@@ -15,7 +15,7 @@ What the original config says, in spec terms:
 
 Refused, with the reason: use_residual (residual MoE), top_k_experts other than 2 (top1gating),
 different expert counts per layer, the Qwen-1 / MiniCPM / MPT backbones (their own tensor naming),
-projector types other than linear / mlpNx_gelu, rope scaling.
+projector types other than linear / mlpNx_gelu.
 
 Tensor names: `model.image_tower.image_tower.*` -> `vision.*`, `model.mm_projector.image_spatial_proj.*`
 -> `connector.layers.*` (the bare nn.Linear of `linear`: `image_spatial_proj.weight`), `model.*` ->
@@ -36,6 +36,7 @@ import torch
 from moebuild.model.pretrained import CheckpointError
 from moebuild.schemas import ModelSpec
 
+from .hf import rope_scaling_section, rope_scaling_v4
 from .tensors import TensorSource, check_complete, expected_shapes
 
 POOL = "experts"
@@ -110,14 +111,13 @@ def _connector_section(config: dict) -> dict:
 
 
 def _language_section(config: dict, family: str) -> dict:
-    if config.get("rope_scaling") is not None:
-        raise _refuse("rope_scaling: moebuild specs have no rope scaling yet")
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     lang = {"type": family, "hidden_size": config["hidden_size"], "num_layers": config["num_hidden_layers"],
             "num_heads": heads, "intermediate_size": config["intermediate_size"], "vocab_size": config["vocab_size"],
             "hidden_act": config["hidden_act"], "max_position_embeddings": config["max_position_embeddings"],
             "rope_theta": float(config.get("rope_theta", 10000.0)),
+            "rope_scaling": rope_scaling_section(config.get("rope_scaling"), "MoE-LLaVA config: rope_scaling"),
             "tie_word_embeddings": bool(config.get("tie_word_embeddings", False))}
     if kv_heads != heads:
         lang |= {"attention": {"type": "gqa"}, "num_kv_heads": kv_heads}
@@ -221,7 +221,7 @@ def config_from_spec(spec: ModelSpec) -> dict:
         "num_key_value_heads": lang.num_kv_heads or lang.num_heads,
         "hidden_act": lang.hidden_act or ("gelu_new" if lang.type == "phi" else "silu"),
         "max_position_embeddings": lang.max_position_embeddings, "rope_theta": lang.rope_theta,
-        "rope_scaling": None, "tie_word_embeddings": lang.tie_word_embeddings,
+        "rope_scaling": rope_scaling_v4(lang.rope_scaling), "tie_word_embeddings": lang.tie_word_embeddings,
         "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
         **_family_config(spec),
         "mm_image_tower": "moebuild/clip", "mm_hidden_size": v.hidden_size,

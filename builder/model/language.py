@@ -65,7 +65,8 @@ def _head_kwargs(family: str, fam: Family, attention: dict, hidden_size: int, nu
 def make_hf_config(family: str, *, hidden_size: int, num_layers: int, num_heads: int,
                    num_kv_heads: int | None = None, intermediate_size: int, vocab_size: int,
                    head_dim: int | None = None, attention: dict | None = None,
-                   rope_theta: float | None = None, partial_rotary_factor: float | None = None,
+                   rope_theta: float | None = None, rope_scaling: dict | None = None,
+                   partial_rotary_factor: float | None = None,
                    max_position_embeddings: int = 4096, norm_eps: float | None = None,
                    qkv_bias: bool | None = None, tie_word_embeddings: bool = False,
                    **family_extras: Any) -> PretrainedConfig:
@@ -88,6 +89,8 @@ def make_hf_config(family: str, *, hidden_size: int, num_layers: int, num_heads:
                            head_dim)
     if rope_theta is not None:
         kwargs["rope_theta"] = rope_theta
+    if rope_scaling is not None:  # transformers' rope_parameters: {rope_type, rope_theta, factor, ...}
+        kwargs["rope_scaling"] = rope_scaling
     if partial_rotary_factor is not None:
         if not fam.facts.partial_rotary:
             raise ValueError(f"family {family!r} has no partial rotary embedding")

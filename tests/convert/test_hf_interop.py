@@ -30,13 +30,17 @@ DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size
 CONFIGS = {
     "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02),
     "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                        shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True),
+                                        shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True,
+                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON | {"num_key_value_heads": 1}, head_dim=24, num_experts=8,
                                         num_experts_per_tok=2, moe_intermediate_size=32),
     "deepseek_v2": lambda: DeepseekV2Config(**COMMON | MLA, **DEEPSEEK, q_lora_rank=None, routed_scaling_factor=1.5,
                                             topk_method="group_limited_greedy", n_group=4, topk_group=2),
     "deepseek_v3": lambda: DeepseekV3Config(**COMMON | MLA, **DEEPSEEK, q_lora_rank=24, routed_scaling_factor=2.5,
-                                            n_group=4, topk_group=2, norm_topk_prob=True),
+                                            n_group=4, topk_group=2, norm_topk_prob=True,
+                                            rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 0.707,
+                                                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 64,
+                                                          "beta_fast": 32.0, "beta_slow": 1.0}),
 }
 
 
@@ -143,7 +147,8 @@ def test_a_checkpoint_that_does_not_fit_names_every_problem(tmp_path):
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "no rope scaling"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'longrope'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}, "truncate of yarn rope scaling"),
     ({"use_sliding_window": True}, "sliding-window"),
     ({"model_type": "gpt2"}, "not one moebuild imports"),
 ])
@@ -162,3 +167,14 @@ def test_specs_transformers_cannot_compute_are_refused():
     data["moe"]["routes"][0] |= {"causal": False, "router": data["moe"]["routes"][0]["router"] | {"capacity": {"train": 1.25}}}
     with pytest.raises(CheckpointError, match="router differs: capacity"):
         hf.config_from_spec(ModelSpec.model_validate(data))
+
+
+@pytest.mark.parametrize("model_type, kind", [("qwen2_moe", "linear"), ("deepseek_v3", "yarn")])
+def test_rope_scaling_is_carried_both_ways(model_type, kind, tmp_path):
+    """The scaled configs above reach the spec (and so the logits checks run with scaled rope)."""
+    config = CONFIGS[model_type]().to_dict()
+    spec = ModelSpec.model_validate(hf.spec_from_config(config, name="x"))
+    assert spec.language.rope_scaling.type == kind and spec.language.rope_scaling.factor > 1
+    back, _ = hf.from_moebuild(moebuild.build(spec, device="meta").state_dict(), spec)
+    assert {k: v for k, v in back["rope_parameters"].items() if v is not None} == \
+        {k: v for k, v in config["rope_parameters"].items() if v is not None}

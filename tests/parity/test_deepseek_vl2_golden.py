@@ -113,7 +113,7 @@ def test_every_problem_is_named_in_one_error():
     (("tile_tag",), "1D", "tile_tag"),
     (("global_view_pos",), "tail", "global_view_pos"),
     (("language_config", "topk_method"), "gready", "topk_method"),  # the original's default typo
-    (("language_config", "rope_scaling"), {"type": "yarn", "factor": 4.0}, "rope_scaling"),
+    (("language_config", "rope_scaling"), {"type": "longrope", "factor": 4.0}, "rope_scaling: rope_type 'longrope'"),
     (("projector_config", "mlp_ratio"), 2, "mlp_ratio"),
     (("candidate_resolutions",), [[42, 42], [84, 84]], "candidate_resolutions"),
 ])

@@ -228,3 +228,11 @@ def test_ltdr_loads_the_one_gate_into_both_routes_and_exports_it(tmp_path):
         layer.routes[1].router.weight.add_(1.0)
     with pytest.raises(CheckpointError, match="routers differ"):
         moe_llava.from_moebuild(model.state_dict(), ltdr)
+
+
+def test_rope_scaling_travels_in_the_original_spelling():
+    spec = moebuild.load_spec("micro-moe-llava", ["language.rope_scaling={type: linear, factor: 2.0}"])
+    config = moe_llava.config_from_spec(spec)
+    assert config["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert ModelSpec.model_validate(moe_llava.spec_from_config(config, name="x")).language.rope_scaling == \
+        spec.language.rope_scaling
