@@ -361,8 +361,12 @@ def graph(spec: str, output: Path, overrides: tuple[str, ...]):
     click.echo(f"wrote {output}", err=True)
 
 
-@main.command()
-@click.argument("what", type=click.Choice(["moe"]))
+@main.group()
+def bench():
+    """Benchmarks, each against transformers in the same process: one MoE layer (moe) or a whole model (model)."""
+
+
+@bench.command("moe")
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True)
@@ -377,8 +381,8 @@ def graph(spec: str, output: Path, overrides: tuple[str, ...]):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--skip", multiple=True, metavar="IMPL", help='Leave an implementation out, e.g. "transformers eager".')
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(what, experts, top_k, hidden, intermediate, shared_experts, tokens, backward, repeats, device, dtype,
-          skip, as_json):
+def bench_moe_cmd(experts, top_k, hidden, intermediate, shared_experts, tokens, backward, repeats, device, dtype,
+                  skip, as_json):
     """Time every moebuild dispatch backend, every transformers experts implementation and a
     dense SwiGLU of the same activated FLOPs, on the same weights and routing, in one process.
 
@@ -446,6 +450,40 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
     except (training.TrainError, training.DataError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {output / f'checkpoint-{run.step:06d}'} (step {run.step}); log: {output / 'log.jsonl'}")
+
+
+@bench.command("model")
+@click.argument("spec", metavar="SPEC_OR_PRESET")
+@click.option("--against", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: transformers' own model of the architecture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Training-step batch size.")
+@click.option("--length", type=click.IntRange(min=2), default=512, show_default=True, help="Training-step sequence length.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved samples per model.")
+@click.option("--only", multiple=True, metavar="WORKLOAD", help='Time only workloads whose name contains this, e.g. "prefill".')
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_model_cmd(spec, against, overrides, batch, length, repeats, only, as_json):
+    """Time a whole model against transformers' implementation of the same architecture, on the
+    same weights: a training step, prefill at 128 and 512 tokens, greedy generation and one decode step.
+
+    \b
+    Examples:
+      moebuild bench model benchmarks/specs/qwen2_moe_like.yaml --against hf
+      moebuild bench model benchmarks/specs/deepseek_v3_like.yaml --only prefill --json
+    """
+    from transformers.utils import logging as hf_logging
+
+    from moebuild.bench_model import bench_model, format_rows, to_json
+    from moebuild.model.pretrained import CheckpointError
+    from moebuild.spec.loading import load_spec
+
+    hf_logging.set_verbosity_error()
+    parsed = load_spec(spec, overrides=list(overrides))
+    try:
+        diff, rows = bench_model(parsed, batch=batch, length=length, repeats=repeats, only=tuple(only))
+    except (CheckpointError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(to_json(parsed, diff, rows), indent=2) if as_json else format_rows(parsed, diff, rows))
 
 
 def _scaled(value: float, units: list[str], base: int) -> str:
