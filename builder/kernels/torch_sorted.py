@@ -17,8 +17,9 @@ Choices (the measurements behind each are in BENCHMARKS.md, "Why the CPU path is
   gathers the input again; everything per row happens inside the expert's task while its rows are
   in cache; the gate-weight gradient <dy, y> is computed as <dy W_out, a>, so expert outputs are
   not kept.
-- Decode steps (no autograd, few kept slots) skip the sorted op where its workers would not run:
-  `few_tokens_forward`, `grouped_forward`.
+- Without autograd (inference) the sorted op runs only where its workers pay: a token or two take
+  `few_tokens_forward`, and calls reading under WORKER_MIN_BYTES of expert weights `grouped_forward`
+  (`_grouped_pays` has the measurements).
 
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, R = 2I gated else I,
 A = T*K slots, N rows of one expert.
@@ -281,8 +282,8 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
 
 
 def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
-    """Decode batches too small for the sorted op's workers (no autograd): each projection is one
-    `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
+    """Inference calls whose experts are too small for the sorted op's workers (no autograd): each
+    projection is one `F.grouped_mm` over the expert-sorted rows, so no Python runs per expert.
 
     Where the sorted op would run its experts on one thread, its per-expert Python (~15 ops each)
     costs more than the matmuls save; where its workers run, they win by streaming the weights on
@@ -329,18 +330,24 @@ def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
     return y_TD.mul_(weights_TK.to(y_TD.dtype))
 
 
-# Without autograd, up to FEW_TOKENS tokens take few_tokens_forward, then grouped_forward while
-# the sorted op would run its experts on one thread; past that, and whenever gradients are
-# needed, the sorted op.
+# Without autograd, up to FEW_TOKENS tokens take few_tokens_forward; then grouped_forward, unless
+# the experts the call touches are so big that streaming their weights on every core (the sorted
+# op's workers) wins; whenever gradients are needed, the sorted op.
 FEW_TOKENS = 2
 
 
-def _grouped_decode_pays(ids_TK: Tensor, pool) -> bool:
-    """Fewer kept slots than the sorted op spreads by rows, and too little expert weight for its
-    workers (the rule `run_experts` applies inside the op)."""
-    kept_A = ids_TK[ids_TK >= 0]
+def _grouped_pays(ids_TK: Tensor, pool) -> bool:
+    """Whether grouped_forward beats the sorted op without autograd: by the bytes of expert weights
+    the call reads, the one size the crossover follows. Forward, interleaved, medians of 5-7 on 2
+    threads, sorted op / grouped_forward ms (experts x hidden x intermediate, weights read, tokens):
+    16x512x256 (24 MB) 128 tokens 12.5 / 7.2, 512 20.3 / 16.0; 32x512x256 (48 MB) 128 17.1 / 10.9,
+    2048 97 / 99; 16x1024x512 (96 MB) 512 62.9 / 58.9; 8x1024x1408 (132 MB) 512 79.7 / 91.3;
+    64x1024x512 (384 MB) 128 53.4 / 60.6, 2048 688 / 1345. Decode steps cross at 150-200 MB too
+    (`grouped_forward`): WORKER_MIN_BYTES."""
     w_in, _, w_out, _ = pool.stacked()
-    return kept_A.numel() < WORKER_MIN_ROWS and not workers_pay(kept_A.numel(), kept_A.unique().numel(), w_in, w_out)
+    touched = ids_TK[ids_TK >= 0].unique().numel()
+    expert_bytes = (math.prod(w_in.shape[1:]) + math.prod(w_out.shape[1:])) * w_in.element_size()
+    return touched * expert_bytes < WORKER_MIN_BYTES
 
 
 def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> Tensor:
@@ -353,6 +360,6 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
                 return one_expert_forward(x_TD, weights_TK, pool)
             if x_TD.shape[0] <= FEW_TOKENS:
                 return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
-            if grouped_fits(x_TD, pool) and _grouped_decode_pays(ids_TK, pool):
+            if grouped_fits(x_TD, pool) and _grouped_pays(ids_TK, pool):
                 return grouped_forward(x_TD, weights_TK, ids_TK, pool)
     return _sorted_op_dispatch(x_TD, weights_TK, ids_TK, pool)

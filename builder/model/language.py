@@ -142,18 +142,18 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.attn_dropout = getattr(config, fam.attn_dropout_key) if fam.attn_dropout_key else 0.0
         self.mlp_dropout = getattr(config, fam.mlp_dropout_key) if fam.mlp_dropout_key else 0.0
 
-    def _ffn(self, h_BSD: torch.Tensor, modality_BS: torch.Tensor | None,
-             token_mask_BS: torch.Tensor | None, output_router_stats: bool) -> tuple[torch.Tensor, Any]:
+    def _ffn(self, h_BSD: torch.Tensor, modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None,
+             output_router_stats: bool, output_aux_losses: bool) -> tuple[torch.Tensor, Any]:
         if not self.is_moe:
             return F.dropout(self.mlp(h_BSD), self.mlp_dropout, self.training), None
         out = self.mlp(h_BSD, modality_BS=modality_BS, attention_mask_BS=token_mask_BS,
-                       output_router_stats=output_router_stats)
+                       output_router_stats=output_router_stats, output_aux_losses=output_aux_losses)
         return F.dropout(out.hidden_states, self.mlp_dropout, self.training), out
 
     def forward(self, x_BSD: torch.Tensor, *, position_embeddings: Any, attention_mask: Any,
                 position_ids: torch.Tensor, cache: DynamicCache | None, use_cache: bool,
                 modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None,
-                output_router_stats: bool) -> tuple[torch.Tensor, Any]:
+                output_router_stats: bool, output_aux_losses: bool = True) -> tuple[torch.Tensor, Any]:
         normed_BSD = self.input_layernorm(x_BSD)
         attn_BSD, _ = self.self_attn(
             hidden_states=normed_BSD, attention_mask=attention_mask, position_ids=position_ids,
@@ -161,11 +161,12 @@ class DecoderLayer(GradientCheckpointingLayer):
         )
         attn_BSD = F.dropout(attn_BSD, self.attn_dropout, self.training)
         if self.parallel:
-            ffn_BSD, moe_out = self._ffn(normed_BSD, modality_BS, token_mask_BS, output_router_stats)
+            ffn_BSD, moe_out = self._ffn(normed_BSD, modality_BS, token_mask_BS, output_router_stats,
+                                         output_aux_losses)
             return x_BSD + attn_BSD + ffn_BSD, moe_out
         h_BSD = x_BSD + attn_BSD
         ffn_BSD, moe_out = self._ffn(self.post_attention_layernorm(h_BSD), modality_BS, token_mask_BS,
-                                     output_router_stats)
+                                     output_router_stats, output_aux_losses)
         return h_BSD + ffn_BSD, moe_out
 
 
@@ -207,7 +208,8 @@ def _merge_aux(total: dict[str, torch.Tensor], layer: dict[str, torch.Tensor]) -
 class LanguageModel(nn.Module):
     """A family's decoder with causal-LM head; layer i's FFN is `ffn_factory(i)` when that is not None.
 
-    An MoE FFN is called as `ffn(h_BSD, modality_BS=..., attention_mask_BS=..., output_router_stats=...)`
+    An MoE FFN is called as `ffn(h_BSD, modality_BS=..., attention_mask_BS=..., output_router_stats=...,
+    output_aux_losses=...)`
     and returns an object with `hidden_states`, `aux_losses` (name -> tensor) and `router_stats`
     (looked at only when asked for).
     """
@@ -254,7 +256,8 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds_BSD: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None,
                 use_cache: bool = False, cache_position: torch.Tensor | None = None,
-                modality_BS: torch.Tensor | None = None, output_router_stats: bool = False) -> LanguageOutput:
+                modality_BS: torch.Tensor | None = None, output_router_stats: bool = False,
+                output_aux_losses: bool = True) -> LanguageOutput:
         """`attention_mask_BS` covers past and current tokens (1 keep, 0 padding), as in transformers;
         `modality_BS` and the padding mask handed to MoE layers cover this call's tokens only.
         `cache_position` (dropped by transformers 5) only stands in for missing position_ids."""
@@ -280,6 +283,7 @@ class LanguageModel(nn.Module):
                 h_BSD, position_embeddings=position_embeddings, attention_mask=causal_mask,
                 position_ids=position_ids, cache=cache, use_cache=use_cache,
                 modality_BS=modality_BS, token_mask_BS=token_mask_BS, output_router_stats=output_router_stats,
+                output_aux_losses=output_aux_losses,
             )
             if moe_out is not None:
                 _merge_aux(aux_losses, moe_out.aux_losses)

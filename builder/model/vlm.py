@@ -245,13 +245,16 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         modality: torch.LongTensor | None = None,
         image_grids=None,
         output_router_stats: bool = False,
+        output_aux_losses: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values=None,
         **kwargs,
     ) -> MoEVLMOutput:
         """`modality` [B, S] (0 text, 1 image) is derived from the placeholder tokens when omitted;
         `image_grids` are the processor's `tile_grids` for a tiled spec (see `image_embeddings`).
-        `past_key_values` is the KV cache under the name transformers < 5.24 pass it by."""
+        `past_key_values` is the KV cache under the name transformers < 5.24 pass it by.
+        `output_aux_losses`: compute the balancing terms (`aux_losses`, and their share of `loss`);
+        None = when training or when labels are given, so generation computes none."""
         cache = cache if cache is not None else past_key_values
         past = cache.get_seq_length() if cache is not None else 0
         check_inputs(self.input_rules, input_ids, inputs_embeds, pixel_values, attention_mask, labels, past)
@@ -271,6 +274,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache if use_cache is not None else not self.training,
             modality_BS=modality,
             output_router_stats=output_router_stats,
+            output_aux_losses=self.training or labels is not None if output_aux_losses is None else output_aux_losses,
         )
         hidden = out.last_hidden_state
         if logits_to_keep:

@@ -41,7 +41,7 @@ class RecordingMoE(nn.Module):
         super().__init__()
         self.dense, self.layer_idx, self.calls = dense, layer_idx, []
 
-    def forward(self, h_BSD, *, modality_BS=None, attention_mask_BS=None, output_router_stats=True):
+    def forward(self, h_BSD, *, modality_BS=None, attention_mask_BS=None, output_router_stats=True, output_aux_losses=True):
         aux = h_BSD.pow(2).mean()
         call = dict(modality=modality_BS, mask=attention_mask_BS, aux=aux.detach(), stats=output_router_stats)
         self.calls.append(call)

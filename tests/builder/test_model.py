@@ -192,3 +192,17 @@ def test_tied_embeddings_stay_tied_through_build_save_and_load(tmp_path):
     loaded = MoEVLMForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.language.lm_head.weight is loaded.language.embed_tokens.weight
     assert torch.equal(loaded.language.lm_head.weight, model.language.lm_head.weight)
+
+
+def test_balancing_terms_are_computed_when_a_loss_is_wanted():
+    """Training or labels: aux_losses computed (and in the loss); plain inference and generation: none."""
+    model = build("micro-moe-llava").eval()
+    ids = torch.randint(3, 400, (1, 6))
+    with torch.no_grad():
+        assert model(input_ids=ids).aux_losses == {}
+        with_labels = model(input_ids=ids, labels=ids)
+        asked = model(input_ids=ids, output_aux_losses=True)
+    assert set(with_labels.aux_losses) == set(asked.aux_losses) == {"switch_aux"}
+    torch.testing.assert_close(with_labels.loss, with_labels.lm_loss + with_labels.aux_losses["switch_aux"])
+    model.train()
+    assert set(model(input_ids=ids).aux_losses) == {"switch_aux"}

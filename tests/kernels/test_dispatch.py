@@ -209,13 +209,13 @@ def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypat
 
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])
 @pytest.mark.parametrize("T, I, path", [(9, 8, "grouped_forward"), (21, 8, "grouped_forward"),
-                                        (9, 10, "_sorted_op_dispatch"), (40, 8, "_sorted_op_dispatch"),
+                                        (9, 10, "_sorted_op_dispatch"), (40, 8, "grouped_forward"),
                                         (2, 8, "few_tokens_forward")])
-def test_torch_backend_decode_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch, two_threads):
+def test_torch_backend_no_grad_batches_take_the_expected_path(pool_kwargs, T, I, path, monkeypatch, two_threads):
     """No-grad batches: up to 2 tokens the Python grouping, then one grouped_mm per projection
-    while the sorted op would run its experts on one thread (here: fewer than WORKER_MIN_ROWS = 64
-    kept slots; 40 x 3 slots less ~30% dropped are more) and its 16-byte strides fit (I=10 fp32
-    rows are 40 bytes: they do not)."""
+    while the experts hold less than WORKER_MIN_BYTES of weights, however many rows (40 x 3 slots
+    less ~30% dropped are more than WORKER_MIN_ROWS), where its 16-byte strides fit (I=10 fp32 rows
+    are 40 bytes: they do not)."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(4)
     pool = _random_pool(5, I, g, **pool_kwargs)

@@ -87,7 +87,8 @@ def test_text_logits_and_aux_loss_match_the_original(converted):
     _, _, model, golden = converted
     feed_noise(model, golden, "text")
     with torch.no_grad():
-        out = model(input_ids=golden["text.input_ids"], attention_mask=golden["text.attention_mask"])
+        out = model(input_ids=golden["text.input_ids"], attention_mask=golden["text.attention_mask"],
+                    output_aux_losses=True)  # MoE-LLaVA computes l_aux in evaluation too
     torch.testing.assert_close(out.logits, golden["text.logits"], atol=ATOL, rtol=0)
     # MoE-LLaVA's aux loss: router_aux_loss_coef * the sum of every MoE layer's l_aux
     torch.testing.assert_close(out.aux_losses["switch_aux"], golden["text.aux_loss"], atol=1e-7, rtol=0)
@@ -99,7 +100,7 @@ def test_image_logits_match_the_original_in_evaluation(converted):
     inputs = image_inputs(model, golden)
     feed_noise(model, golden, "image_eval")
     with torch.no_grad():
-        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], output_aux_losses=True)
     torch.testing.assert_close(out.logits, golden["image_eval.logits"], atol=ATOL, rtol=0)
     torch.testing.assert_close(out.aux_losses["switch_aux"], golden["image_eval.aux_loss"], atol=1e-7, rtol=0)
 

@@ -72,7 +72,8 @@ def test_ltdr_micro_model_reports_tail_share_and_experts_per_token():
     model = build(spec).eval()
     ids, pixels, _, mask = _inputs(model)
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_router_stats=True)
+        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_router_stats=True,
+                    output_aux_losses=True)
     assert len(out.router_stats) == 2
     for layer in out.router_stats:
         image = layer.stats["image->experts"]["image"]
