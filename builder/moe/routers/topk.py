@@ -161,13 +161,14 @@ class TopKRouter(LinearRouter):
         start_k, steps_per_k = self.curriculum
         return min(self.top_k, start_k + int(self.step) // steps_per_k)
 
-    def selection_scores(self, logits_TE: Tensor) -> Tensor:
-        """What top-k is taken over: scores of the (noisy) logits, + bias, group-limited, dropped out."""
+    def selection_scores(self, logits_TE: Tensor, probs_TE: Tensor) -> Tensor:
+        """What top-k is taken over: scores of the (noisy) logits, + bias, group-limited, dropped out.
+        `probs_TE` are the scores of the clean logits, reused when no noise is drawn."""
+        selection_TE = probs_TE
         if self.training and self.noise == "gaussian":
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * self.noise_std
+            selection_TE = SCORES[self.score](logits_TE + torch.randn_like(logits_TE) * self.noise_std)
         elif self.training and self.noise == "gumbel":
-            logits_TE = logits_TE + gumbel_like(logits_TE)
-        selection_TE = SCORES[self.score](logits_TE)
+            selection_TE = SCORES[self.score](logits_TE + gumbel_like(logits_TE))
         if self.has_correction_bias:
             selection_TE = selection_TE + self.e_score_correction_bias
         kept_TE = None
@@ -201,7 +202,7 @@ class TopKRouter(LinearRouter):
         logits_TE = self.logits(x_TD)
         probs_TE = SCORES[self.score](logits_TE)
         k = self.current_k()
-        values_TK, topk_ids_TK = self.selection_scores(logits_TE).topk(k, dim=-1)
+        values_TK, topk_ids_TK = self.selection_scores(logits_TE, probs_TE).topk(k, dim=-1)
         topk_ids_TK = topk_ids_TK.masked_fill(values_TK == float("-inf"), -1)  # dropout/groups left < k
         weights_TK = self.gate_weights(logits_TE, probs_TE, topk_ids_TK)
         ids_TK, capacity = topk_ids_TK, None
