@@ -6,7 +6,7 @@ What the original config says, in spec terms:
 
 | MoE-LLaVA | moebuild |
 |---|---|
-| model_type moe_llava_stablelm / moe_llava_phi / moe_llava_llama | language stablelm (rope_pct -> partial_rotary_factor, use_qkv_bias) / phi (no LM-head bias: their `nn.Linear(bias=False)`) / llama |
+| model_type moe_llava_stablelm / moe_llava_phi / moe_llava_llama / moe_llava_qwen | language stablelm (rope_pct -> partial_rotary_factor, use_qkv_bias) / phi (no LM-head bias: their `nn.Linear(bias=False)`) / llama / qwen2 (Qwen v1: SwiGLU of intermediate_size // 2, rotary_emb_base; its logn attention and dynamic NTK act only past seq_length and are exported off) |
 | mm_image_tower + its CLIP config (`image_tower_config.json` beside config.json, or a known hub name) | clip; select_layer = mm_vision_select_layer, select_feature = mm_vision_select_feature |
 | image_projector_type linear / mlpNx_gelu | connector linear / mlp of depth N, gelu |
 | moe.moe_layers_idx, num_experts, top_k_experts 2 | moe.layers (every_other when it is 0, 2, ...); one pool `experts`, the decoder's FFN shape (Phi: fc1/fc2 with biases, not gated) |
@@ -14,7 +14,7 @@ What the original config says, in spec terms:
 | router_aux_loss_coef | a `switch_aux` term of that coef (DeepSpeed's l_aux, summed over layers into the loss) |
 
 Refused, with the reason: use_residual (residual MoE), top_k_experts other than 2 (top1gating),
-different expert counts per layer, the Qwen-1 / MiniCPM / MPT backbones (their own tensor naming),
+different expert counts per layer, the Qwen1.5 / MiniCPM / MPT backbones,
 projector types other than linear / mlpNx_gelu.
 
 Tensor names: `model.image_tower.image_tower.*` -> `vision.*`, `model.mm_projector.image_spatial_proj.*`
@@ -24,7 +24,9 @@ Tensor names: `model.image_tower.image_tower.*` -> `vision.*`, `model.mm_project
 through MoE-LLaVA's one gate, so an LTDR spec's routers are equal copies of it), and
 `mlp.deepspeed_moe.experts.deepspeed_experts.E.{gate,up,down}_proj.weight` (Phi: `fc1`, `fc2`
 with biases) stack into `pools.experts.{gate_up_proj [E, 2I, D], down_proj [E, D, I]}` (Phi:
-`up_proj`, `down_proj` and their biases).
+`up_proj`, `down_proj` and their biases). Qwen v1 is renamed to that naming first: `transformer.*`,
+the fused `attn.c_attn` split into q/k/v, `mlp.w1` = up, `w2` = gate, `c_proj` = down (its golden
+file is still to make: the Qwen backbone is checked by names and round trip only).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ KNOWN_TOWERS = {  # hub id -> CLIPVisionConfig fields, for checkpoints that ship
                                           num_attention_heads=16, intermediate_size=4096),
 }
 TOWER_DEFAULTS = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
-FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_phi": "phi", "moe_llava_llama": "llama"}
+FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_phi": "phi", "moe_llava_llama": "llama",
+            "moe_llava_qwen": "qwen2"}
 ARCHITECTURES = {"stablelm": "MoELLaVAStablelmForCausalLM", "phi": "MoELLaVAPhiForCausalLM",
-                 "llama": "MoELLaVALlamaForCausalLM"}
+                 "llama": "MoELLaVALlamaForCausalLM", "qwen2": "MoELLaVAQWenForCausalLM"}
 _GATED = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -67,8 +70,8 @@ def spec_from_config(config: dict, *, name: str) -> dict:
     """The spec (plain dict) of a MoE-LLaVA config.json."""
     family = FAMILIES.get(config.get("model_type"))
     if family is None:
-        raise _refuse(f"model_type {config.get('model_type')!r}: moebuild reads {', '.join(FAMILIES)} (Qwen-1, "
-                      "MiniCPM and MPT backbones keep their own tensor names)")
+        raise _refuse(f"model_type {config.get('model_type')!r}: moebuild reads {', '.join(FAMILIES)} (the "
+                      "Qwen1.5, MiniCPM and MPT backbones are not mapped yet)")
     language = _language_section(config, family)
     spec = {"moebuild_version": 1, "name": name, "description": "imported from a MoE-LLaVA config",
             "vision": _vision_section(config), "connector": _connector_section(config), "language": language,
@@ -131,6 +134,13 @@ def _language_section(config: dict, family: str) -> dict:
             raise _refuse("Phi qk_layernorm: moebuild's phi has none")
         lang |= {"partial_rotary_factor": float(config.get("partial_rotary_factor", 0.5)),
                  "norm_eps": float(config["layer_norm_eps"]), "lm_head_bias": False}
+    elif family == "qwen2":  # Qwen v1: its SwiGLU is intermediate_size // 2 wide, q/k/v biased, no o bias
+        if config.get("kv_channels", 128) * heads != config["hidden_size"] or config.get("rotary_pct", 1.0) != 1.0 \
+                or not config.get("no_bias", True):
+            raise _refuse("Qwen kv_channels * heads != hidden_size, rotary_pct < 1 or biased MLPs: not moebuild's qwen2")
+        lang |= {"intermediate_size": config["intermediate_size"] // 2, "hidden_act": "silu",
+                 "rope_theta": float(config.get("rotary_emb_base", 10000.0)),
+                 "norm_eps": float(config.get("layer_norm_epsilon", 1e-6))}
     else:
         lang |= {"qkv_bias": bool(config.get("attention_bias", False)), "norm_eps": float(config["rms_norm_eps"])}
     return lang
@@ -152,8 +162,8 @@ def _moe_section(config: dict, family: str) -> dict | None:
     counts = set(moe["num_experts"]) if isinstance(moe["num_experts"], list) else {moe["num_experts"]}
     if len(counts) != 1:
         raise _refuse(f"moe.num_experts {moe['num_experts']}: moebuild's MoE layers share one pool shape")
-    pool = {"num_experts": counts.pop(), "intermediate_size": config["intermediate_size"],
-            "activation": config["hidden_act"]}
+    width = config["intermediate_size"] // 2 if family == "qwen2" else config["intermediate_size"]
+    pool = {"num_experts": counts.pop(), "intermediate_size": width, "activation": config.get("hidden_act", "silu")}
     if family == "phi":
         pool |= {"gated": False, "bias": True}
     capacity = {"train": float(moe.get("capacity_factor", 1.0)), "eval": float(moe.get("eval_capacity_factor", 1.0)),
@@ -247,6 +257,11 @@ def _family_config(spec: ModelSpec) -> dict:
     if lang.type == "phi":
         return {"partial_rotary_factor": lang.partial_rotary_factor or 0.4, "layer_norm_eps": lang.norm_eps,
                 "qk_layernorm": False}
+    if lang.type == "qwen2":  # logn attention and dynamic NTK off: moebuild computes neither
+        return {"intermediate_size": 2 * lang.intermediate_size, "kv_channels": lang.hidden_size // lang.num_heads,
+                "rotary_pct": 1.0, "rotary_emb_base": lang.rope_theta, "layer_norm_epsilon": lang.norm_eps,
+                "no_bias": True, "seq_length": lang.max_position_embeddings, "use_logn_attn": False,
+                "use_dynamic_ntk": False}
     return {"attention_bias": bool(lang.qkv_bias), "rms_norm_eps": lang.norm_eps}
 
 
@@ -303,8 +318,70 @@ def _stack(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.stack(parts)
 
 
+# Qwen v1 (`transformer.*`, fused c_attn, w1 = up, w2 = gate, c_proj = down) <-> the naming of
+# MoE-LLaVA's other backbones, which the rest of this module reads.
+_QWEN = [(re.compile(a), b) for a, b in (
+    (r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
+    (r"^transformer\.h\.(\d+)\.ln_1\.", r"model.layers.\1.input_layernorm."),
+    (r"^transformer\.h\.(\d+)\.ln_2\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^transformer\.h\.(\d+)\.attn\.c_proj\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?w1\.", r"model.layers.\1.mlp.\2up_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?w2\.", r"model.layers.\1.mlp.\2gate_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?c_proj\.", r"model.layers.\1.mlp.\2down_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.deepspeed_moe\.gate\.", r"model.layers.\1.mlp.deepspeed_moe.gate."),
+    (r"^transformer\.(image_tower|mm_projector)\.", r"model.\1."),
+)]
+_QWEN_BACK = [(re.compile(a), b) for a, b in (
+    (r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.norm\.", "transformer.ln_f."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
+    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
+    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?up_proj\.", r"transformer.h.\1.mlp.\2w1."),
+    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?gate_proj\.", r"transformer.h.\1.mlp.\2w2."),
+    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?down_proj\.", r"transformer.h.\1.mlp.\2c_proj."),
+    (r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.", r"transformer.h.\1.mlp.deepspeed_moe.gate."),
+    (r"^model\.(image_tower|mm_projector)\.", r"transformer.\1."),
+)]
+_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
+_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def _from_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if match := _C_ATTN.match(key):  # rows: q, then k, then v (QWenAttention's split)
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"model.layers.{match[1]}.self_attn.{name}_proj.{match[2]}"] = part
+            continue
+        for pattern, replacement in _QWEN:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key, count=1)
+                break
+        out[key] = value
+    return out
+
+
+def _to_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if match := _QKV.match(key):
+            qkv.setdefault((match[1], match[3]), {})[match[2]] = value
+            continue
+        for pattern, replacement in _QWEN_BACK:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key, count=1)
+                break
+        out[key] = value
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([parts[n] for n in "qkv"])
+    return out
+
+
 def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """A MoE-LLaVA state dict -> moebuild's; every missing, left-over or mis-shaped tensor in one error."""
+    """A MoE-LLaVA state dict -> moebuild's; every missing, left-over or mis-shaped tensor in one error
+    (for a Qwen backbone, named as the other backbones name them: c_attn as q/k/v_proj, w1 as up_proj)."""
+    if spec.language.type == "qwen2":
+        state = _from_qwen(state)
     if spec.moe is not None and (problems := _moe_problems(spec)):
         raise _refuse(f"{spec.name} does not map onto MoE-LLaVA's model: " + "; ".join(problems))
     source = TensorSource(state, "the MoE-LLaVA checkpoint")
@@ -349,4 +426,6 @@ def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict
     if source.missing or source.left_over():
         raise CheckpointError(f"the moebuild model does not fit spec {spec.name}; missing: {source.missing}; "
                               f"left over: {source.left_over()}")
+    if spec.language.type == "qwen2":
+        out = _to_qwen(out)
     return config, {key: value.contiguous() for key, value in out.items()}

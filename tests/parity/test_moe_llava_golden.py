@@ -178,7 +178,7 @@ def test_every_problem_is_named_in_one_error(tmp_path):
     (("moe", "top_k_experts"), 1, "top_k_experts"),
     (("moe", "num_experts"), [4, 8], "num_experts"),
     (("image_projector_type",), "qformer2_64", "image_projector_type"),
-    (("model_type",), "moe_llava_qwen", "Qwen-1"),
+    (("model_type",), "moe_llava_minicpm", "MiniCPM"),
     (("image_tower_config",), None, "LanguageBind_Image|image_tower_config.json"),
 ])
 def test_configs_moebuild_cannot_mirror_are_refused(field, value, says):
@@ -194,7 +194,8 @@ def test_configs_moebuild_cannot_mirror_are_refused(field, value, says):
         moe_llava.spec_from_config(config, name="x")
 
 
-@pytest.mark.parametrize("preset", ["moe-llava-stablelm-1.6b", "moe-llava-phi2-2.7b", "micro-moe-llava"])
+@pytest.mark.parametrize("preset", ["moe-llava-stablelm-1.6b", "moe-llava-phi2-2.7b", "moe-llava-qwen-1.8b",
+                                    "micro-moe-llava"])
 def test_zoo_presets_export_and_come_back(preset):
     """The published sizes as MoE-LLaVA configs, and back to the same architecture and routing."""
     spec = moebuild.load_spec(preset)
@@ -237,3 +238,27 @@ def test_rope_scaling_travels_in_the_original_spelling():
     assert config["rope_scaling"] == {"type": "linear", "factor": 2.0}
     assert ModelSpec.model_validate(moe_llava.spec_from_config(config, name="x")).language.rope_scaling == \
         spec.language.rope_scaling
+
+
+def test_qwen_backbone_travels_in_qwen_v1_naming():
+    """No golden file for the Qwen backbone (its code needs Qwen-1's own modeling file): the names,
+    the fused c_attn (q rows, then k, then v) and w1 = up, w2 = gate, c_proj = down are checked, and
+    the checkpoint comes back tensor for tensor."""
+    tiny = ["language.hidden_size=64", "language.num_heads=4", "language.num_layers=2", "language.intermediate_size=96",
+            "language.vocab_size=300", "moe.pools.experts.intermediate_size=96", "vision.hidden_size=32",
+            "vision.num_layers=1", "vision.num_heads=2", "vision.intermediate_size=64", "vision.image_size=28"]
+    spec = moebuild.load_spec("moe-llava-qwen-1.8b", tiny)
+    model = moebuild.build(spec, seed=0)
+    ours = model.state_dict()
+    config, state = moe_llava.from_moebuild(ours, spec)
+    assert config["model_type"] == "moe_llava_qwen" and config["intermediate_size"] == 2 * 96
+    attn = "language.model.layers.1.self_attn."
+    assert torch.equal(state["transformer.h.1.attn.c_attn.weight"],
+                       torch.cat([ours[attn + f"{n}_proj.weight"] for n in "qkv"]))
+    assert torch.equal(state["transformer.h.1.mlp.w2.weight"], ours["language.model.layers.1.mlp.gate_proj.weight"])
+    gate_up = ours["language.model.layers.0.mlp.pools.experts.gate_up_proj"]
+    assert torch.equal(state["transformer.h.0.mlp.deepspeed_moe.experts.deepspeed_experts.2.w1.weight"], gate_up[2, 96:])
+    assert "transformer.mm_projector.image_spatial_proj.0.weight" in state and "transformer.wte.weight" in state
+    again = ModelSpec.model_validate(moe_llava.spec_from_config(config, name=spec.name))
+    back = moe_llava.to_moebuild(state, again)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())
