@@ -1,0 +1,6 @@
+"""Expert parallelism on torch.distributed (expert.py: groups, all-to-all dispatch, reductions;
+checkpoint.py: loading a rank's expert slices, gathering a sharded model for saving)."""
+
+from moebuild.parallel.expert import AllToAll, ExpertParallel, average_expert_grads, expert_parallel_dispatch, local_sum
+
+__all__ = ["AllToAll", "ExpertParallel", "average_expert_grads", "expert_parallel_dispatch", "local_sum"]
