@@ -226,8 +226,13 @@ def check_bias_steps(rank, world, tmp):
     assert moved, "the bias never moved"
 
 
+def micro_spec():
+    """micro-moe-llava without DeepSpeed's evaluation-time Gumbel noise, so two models can agree."""
+    return moebuild.load_spec("micro-moe-llava", overrides=["moe.routes[0].router.eval_noise=false"])
+
+
 def micro_model(n=None, seed=0):
-    return moebuild.build("micro-moe-llava", seed=seed, expert_parallel=n)
+    return moebuild.build(micro_spec(), seed=seed, expert_parallel=n)
 
 
 def check_checkpoint(rank, world, tmp):
@@ -258,6 +263,33 @@ def check_checkpoint(rank, world, tmp):
         assert (tmp / "single" / name).read_text() == (tmp / "ep" / name).read_text(), name
     again = Model.from_pretrained(tmp / "ep").eval()
     close("logits reloaded", again(input_ids=ids).logits, single(input_ids=ids).logits)
+    # a seeded expert-parallel build initialises its experts as the single process does
+    built = micro_model(n=world).eval()
+    close("seeded init logits", built(input_ids=local(ids, rank, world)).logits, single(input_ids=local(ids, rank, world)).logits)
+
+
+def check_checkpoint_errors(rank, world, tmp):
+    """A model directory whose config asks for another N names itself; expert_parallel=N reshards."""
+    import json
+
+    from moebuild import MoEVLMForConditionalGeneration as Model
+
+    tmp, other = Path(tmp), 4 if world == 2 else 2
+    if rank == 0:
+        micro_model().save_pretrained(tmp / "other_n")
+        config = json.loads((tmp / "other_n" / "config.json").read_text())
+        config["spec"]["moe"]["parallel"]["expert_parallel"] = other
+        (tmp / "other_n" / "config.json").write_text(json.dumps(config))
+    dist.barrier()
+    try:
+        Model.from_pretrained(tmp / "other_n")
+    except BuildError as exc:
+        want = f"config.json: moe.parallel.expert_parallel={other} but the world size is {world}"
+        assert want in str(exc), str(exc)
+    else:
+        raise AssertionError("no error for a checkpoint written for another N")
+    model = Model.from_pretrained(tmp / "other_n", expert_parallel=world)
+    assert model.language.layers[0].mlp.pools["experts"].num_local_experts == 4 // world
 
 
 def check_errors(rank, world, tmp):
