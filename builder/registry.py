@@ -115,7 +115,8 @@ def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
     """One MoE layer: its pools, its routes (each router sized to its pool) and its balancing terms."""
     backend = node.dispatch.backend
     parallel = ExpertParallel.join(node.parallel.expert_parallel)
-    pools = {name: build_module(pool, hidden_size=hidden_size, backend=backend, parallel=parallel)
+    pools = {name: build_module(pool, hidden_size=hidden_size, backend=backend,
+                                parallel=None if name in node.parallel.replicate else parallel)
              for name, pool in node.pools.items()}
     routes = [
         Route(build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),

@@ -30,10 +30,11 @@ def with_expert_parallel(spec: ModelSpec, n: int, source: str = "expert_parallel
         if n == 1:
             return spec
         raise BuildError(f"{source}={n} needs an moe section: {spec.name} has no experts to spread")
-    problems = indivisible_pools(spec.moe.pools, n)
+    replicate = spec.moe.parallel.replicate
+    problems = indivisible_pools(spec.moe.pools, n, replicate)
     if problems:
         raise BuildError(f"{spec.name}: " + "; ".join(problems))
-    moe = spec.moe.model_copy(update={"parallel": ParallelSpec(expert_parallel=n)})
+    moe = spec.moe.model_copy(update={"parallel": ParallelSpec(expert_parallel=n, replicate=replicate)})
     return spec.model_copy(update={"moe": moe})
 
 

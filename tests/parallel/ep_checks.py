@@ -31,8 +31,9 @@ def close(name, got, want):
     assert got.shape == want.shape and diff <= ATOL, f"{name}: shape {tuple(got.shape)} vs {tuple(want.shape)}, max diff {diff}"
 
 
-def layer_spec(routes, pools, balancing=(), n=1):
-    return {"pools": pools, "routes": routes, "balancing": list(balancing), "parallel": {"expert_parallel": n}}
+def layer_spec(routes, pools, balancing=(), replicate=(), n=1):
+    return {"pools": pools, "routes": routes, "balancing": list(balancing),
+            "parallel": {"expert_parallel": n, "replicate": list(replicate)}}
 
 
 def twin_layers(spec, world):
@@ -134,6 +135,11 @@ def check_shared_expert(rank, world, tmp):
     routes = [{"pool": "shared", "router": {"type": "dense"}},
               {"pool": "routed", "router": {"type": "topk", "top_k": 3, "score": "sigmoid", "normalize": True, "scale": 2.0}}]
     parity({"routes": routes, "pools": pools, "balancing": [{"type": "seq_aux", "coef": 0.1}]}, rank, world)
+    # DeepSeek-VL2's 2 shared experts over any N: the shared pool replicated, the routed one sharded
+    pools["shared"]["num_experts"] = 2
+    _, ep = parity({"routes": routes, "pools": pools, "balancing": [{"type": "seq_aux", "coef": 0.1}],
+                    "replicate": ["shared"]}, rank, world)
+    assert ep.pools["shared"].parallel is None and ep.pools["routed"].parallel is not None
 
 
 def check_ltdr(rank, world, tmp):
