@@ -1,6 +1,22 @@
 """Expert parallelism on torch.distributed (expert.py: groups, all-to-all dispatch, reductions;
 checkpoint.py: loading a rank's expert slices, gathering a sharded model for saving)."""
 
-from moebuild.parallel.expert import AllToAll, ExpertParallel, average_expert_grads, expert_parallel_dispatch, local_sum
+from moebuild.parallel.expert import (
+    AllReduce,
+    AllToAll,
+    ExpertParallel,
+    average_expert_grads,
+    average_gradients,
+    expert_parallel_dispatch,
+    local_sum,
+)
 
-__all__ = ["AllToAll", "ExpertParallel", "average_expert_grads", "expert_parallel_dispatch", "local_sum"]
+__all__ = [
+    "AllReduce",
+    "AllToAll",
+    "ExpertParallel",
+    "average_expert_grads",
+    "average_gradients",
+    "expert_parallel_dispatch",
+    "local_sum",
+]

@@ -138,6 +138,25 @@ def expert_parallel_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, p
     return torch.zeros_like(x_TD).index_add(0, token_A, y_AD * gate_A1)
 
 
+def average_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism over the expert-parallel group, after backward: every replicated gradient
+    averaged over the ranks (what DDP does) and the expert gradients divided by N. One all-reduce
+    per tensor: for small models and examples; large ones want DDP / FSDP2 buckets (see README)."""
+    from moebuild.moe.experts import ExpertPool
+
+    ep = next((m.parallel for m in model.modules() if isinstance(m, ExpertPool) and m.parallel is not None), None)
+    if ep is None:
+        return
+    experts = {id(p) for m in model.modules() if isinstance(m, ExpertPool) and m.parallel is not None
+               for p in m.parameters(recurse=False)}
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        if id(param) not in experts:
+            dist.all_reduce(param.grad, group=ep.group)
+        param.grad.div_(ep.size)
+
+
 def average_expert_grads(model: torch.nn.Module) -> None:
     """Divide expert-parallel pools' gradients by N (see the loss convention above); call after backward."""
     from moebuild.moe.experts import ExpertPool

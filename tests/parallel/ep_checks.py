@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import moebuild
 from moebuild.moe.experts import ExpertPool
+from moebuild.parallel import average_gradients
 from moebuild.spec.errors import BuildError
 
 ATOL = 1e-5
@@ -203,25 +204,23 @@ def check_deepspeed_capacity(rank, world, tmp):
 
 
 def check_bias_steps(rank, world, tmp):
-    """A few SGD steps with aux-free bias balancing stay equal to the single process."""
+    """A few SGD steps with aux-free bias balancing stay equal to the single process, gradients
+    synchronised by `average_gradients` (replicated ones averaged as DDP does, expert ones / N)."""
     router = {"type": "topk", "top_k": 2, "score": "sigmoid", "bias": {"update_rate": 0.05}}
     spec = {"routes": [{"pool": "experts", "router": router}], "pools": POOL, "balancing": [{"type": "z_loss", "coef": 0.01}]}
     single, ep = twin_layers(spec, world)
     opt_s = torch.optim.SGD(single.parameters(), lr=0.1)
     opt_e = torch.optim.SGD(ep.parameters(), lr=0.1)
-    ep_params = dict(ep.named_parameters())
     moved = False
     for step in range(3):
         torch.manual_seed(10 + step)
         x, g = torch.randn(world * 2, 6, D), torch.randn(world * 2, 6, D)
         ones = torch.ones(world * 2, 6, dtype=torch.long)
         opt_s.zero_grad(), opt_e.zero_grad()
-        layer_step(single, x, ones * 0, ones, g)
-        layer_step(ep, *(local(t, rank, world) for t in (x, ones * 0, ones, g)), scale=1.0 / world)
-        for name, param in ep_params.items():
-            pool = ep.get_submodule(name.rsplit(".", 1)[0])
-            if not (isinstance(pool, ExpertPool) and pool.parallel is not None):
-                dist.all_reduce(param.grad)
+        # data-parallel convention (DDP's): rank loss = local part + aux, gradients averaged over ranks
+        layer_step(single, x, ones * 0, ones, g / world)
+        layer_step(ep, *(local(t, rank, world) for t in (x, ones * 0, ones, g)))
+        average_gradients(ep)
         opt_s.step(), opt_e.step()
         single.update_balancing(), ep.update_balancing()
         bias_s, bias_e = (layer.routes[0].router.e_score_correction_bias for layer in (single, ep))
