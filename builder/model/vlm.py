@@ -439,11 +439,12 @@ def build(spec, device=None, dtype=None, seed: int | None = None,
 
 
 def check_memory(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose weights alone exceed the memory available."""
-    from moebuild.accounting import summarize
+    """Refuse, before allocating, a model whose weights alone (this rank's share under expert
+    parallelism) exceed the memory available."""
+    from moebuild.accounting import params_per_rank
     from moebuild.model.memory_budget import available_bytes
 
-    needed = summarize(spec).total_params * dtype.itemsize
+    needed = params_per_rank(spec) * dtype.itemsize  # an expert-parallel rank holds E/N experts
     available = available_bytes(device)
     if available is not None and needed > available:
         raise BuildError(

@@ -24,3 +24,19 @@ def test_one_rank_is_the_single_process_model():
     pool = model.language.layers[0].mlp.pools["experts"]
     assert pool.parallel is None and pool.num_local_experts == pool.num_experts == 4
     assert model.language.layers[0].mlp.parallel is None
+
+
+def test_a_rank_needs_memory_for_its_share_of_the_experts():
+    from moebuild.accounting import params_per_rank
+    from moebuild.parallel.checkpoint import with_expert_parallel
+
+    spec = moebuild.load_spec("micro-moe-llava")
+    model = moebuild.build(spec, device="meta")
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".pools." in name)
+    total = sum(p.numel() for p in model.parameters())
+    assert params_per_rank(spec) == total
+    for n in (2, 4):
+        assert params_per_rank(with_expert_parallel(spec, n)) == total - experts + experts // n
+    base = moebuild.load_spec("deepseek-vl2-base", overrides=["moe.parallel.replicate=[shared]"])
+    per_rank = params_per_rank(with_expert_parallel(base, 8))
+    assert 5.5e9 < per_rank < 6.5e9  # of 27.5B: the 72 routed experts over 8 ranks, all else whole
