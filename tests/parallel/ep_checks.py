@@ -203,6 +203,40 @@ def check_deepspeed_capacity(rank, world, tmp):
     close("input grad", xe.grad, xr.grad)
 
 
+def check_every_router(rank, world, tmp):
+    """Every router type of the schema runs expert-parallel: routing is per rank (expert_choice and
+    soft compare only a rank's own tokens, as capacity counts them), so the output and
+    input gradient on rank r equal the single-process layer's given rank r's batch (evaluation mode:
+    no noise; DeepSpeed's evaluation Gumbel written out)."""
+    import typing
+
+    from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
+    from moebuild.schemas import RouterSpec
+
+    kinds = {cls.model_fields["type"].annotation.__args__[0]: cls for cls in typing.get_args(typing.get_args(RouterSpec)[0])}
+    torch.manual_seed(6)
+    x, g = torch.randn(world * 2, 9, D), torch.randn(world * 2, 9, D)
+    modality = torch.randint(0, 2, (world * 2, 9))
+    for kind, cls in sorted(kinds.items()):
+        if kind == "dynamic_topk":  # its threshold is over every rank's tokens: check_ltdr, against the whole batch
+            continue
+        spec = {"routes": [{"pool": "experts", "router": cls.example(), "causal": False}], "pools": POOL}
+        single, ep = twin_layers(spec, world)
+        for layer in (single, ep):
+            layer.eval()
+            if isinstance(layer.routes[0].router, DeepSpeedTop2Router):
+                layer.routes[0].router.sample_gumbel = lambda logits: torch.cos(logits * 7.0)
+        x_r, g_r, m_r = (local(t, rank, world) for t in (x, g, modality))
+        outs = []
+        for layer in (single, ep):
+            xr = x_r.clone().requires_grad_(True)
+            y = layer(xr, modality_BS=m_r).hidden_states
+            (y * g_r).sum().backward()
+            outs.append((y, xr.grad))
+        close(f"{kind} output", outs[1][0], outs[0][0])
+        close(f"{kind} input grad", outs[1][1], outs[0][1])
+
+
 def check_bias_steps(rank, world, tmp):
     """A few SGD steps with aux-free bias balancing stay equal to the single process, gradients
     synchronised by `average_gradients` (replicated ones averaged as DDP does, expert ones / N)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 CHECKS = Path(__file__).with_name("ep_checks.py")
-LAYER_CHECKS = ["topk", "shared_expert", "ltdr", "empty", "deepspeed_capacity", "bias_steps", "errors"]
+LAYER_CHECKS = ["topk", "shared_expert", "ltdr", "empty", "deepspeed_capacity", "bias_steps", "every_router", "errors"]
 
 
 def launch(world: int, checks: list[str], tmp_path: Path, timeout: float = 150.0) -> list[str]:
