@@ -1,5 +1,6 @@
 """Expert parallelism on torch.distributed (expert.py: groups, all-to-all dispatch, reductions;
-checkpoint.py: loading a rank's expert slices, gathering a sharded model for saving)."""
+checkpoint.py: loading a rank's expert slices, gathering a sharded model for saving; fsdp.py:
+FSDP2 over the replicated weights). checkpoint and fsdp are imported on use (they import the pools)."""
 
 from moebuild.parallel.expert import (
     AllReduce,

@@ -108,7 +108,8 @@ def model_ranks(model: torch.nn.Module) -> int:
 
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The single-process state dict: every pool tensor gathered over the group (every rank calls)."""
-    state = model.state_dict()
+    # FSDP2-sharded weights come back whole (`full_tensor` is a collective: every rank, same order)
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     for name, pool in sharded_pools(model).items():
         for key, param in pool.named_parameters(recurse=False):
             parts = [torch.empty_like(param) for _ in range(pool.parallel.size)]

@@ -307,6 +307,47 @@ def check_checkpoint(rank, world, tmp):
     close("seeded init logits", built(input_ids=local(ids, rank, world)).logits, single(input_ids=local(ids, rank, world)).logits)
 
 
+def check_fsdp(rank, world, tmp):
+    """FSDP2 over the replicated weights, experts left to expert parallelism: the gradients of two
+    training steps equal `average_gradients` on the unsharded model, and save_pretrained writes the
+    same files."""
+    from safetensors.torch import load_file
+
+    from moebuild.parallel import average_expert_grads
+    from moebuild.parallel.fsdp import fully_shard_replicated
+
+    spec = moebuild.load_spec("micro-moe-llava", overrides=["moe.routes[0].router.eval_noise=false",
+                                                            "moe.routes[0].router.capacity=null"])
+    plain = moebuild.build(spec, seed=0, expert_parallel=world).eval()
+    sharded = fully_shard_replicated(moebuild.build(spec, seed=0, expert_parallel=world).eval())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, sharded)]
+    torch.manual_seed(20 + rank)
+    ids = torch.randint(3, 500, (2, 12))
+    for step in range(2):
+        for model, opt in zip((plain, sharded), opts):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+        average_gradients(plain)
+        average_expert_grads(sharded)
+        want = dict(plain.named_parameters())
+        for name, param in sharded.named_parameters():
+            if param.grad is None:
+                assert want[name].grad is None, name
+                continue
+            grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+            close(f"fsdp grad {name} step {step}", grad, want[name].grad)
+        for opt in opts:
+            opt.step()
+    tmp = Path(tmp)
+    plain.save_pretrained(tmp / "plain")
+    sharded.save_pretrained(tmp / "fsdp")
+    dist.barrier()
+    a, b = load_file(tmp / "plain" / "model.safetensors"), load_file(tmp / "fsdp" / "model.safetensors")
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    for key in a:
+        close(f"saved {key}", b[key], a[key])
+
+
 def check_checkpoint_errors(rank, world, tmp):
     """A model directory whose config asks for another N names itself; expert_parallel=N reshards."""
     import json

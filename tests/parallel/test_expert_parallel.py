@@ -41,9 +41,9 @@ def launch(world: int, checks: list[str], tmp_path: Path, timeout: float = 150.0
 
 @pytest.mark.slow
 def test_two_ranks_match_the_single_process(tmp_path):
-    launch(2, [*LAYER_CHECKS, "checkpoint", "checkpoint_errors"], tmp_path)
+    launch(2, [*LAYER_CHECKS, "checkpoint", "checkpoint_errors", "fsdp"], tmp_path)
 
 
 @pytest.mark.slow
 def test_four_ranks_match_the_single_process(tmp_path):
-    launch(4, [*LAYER_CHECKS, "checkpoint", "checkpoint_errors"], tmp_path)
+    launch(4, [*LAYER_CHECKS, "checkpoint", "checkpoint_errors", "fsdp"], tmp_path)
