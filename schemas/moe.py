@@ -124,7 +124,7 @@ class ParallelSpec(SpecModel):
     """How the MoE layers are spread over processes (torch.distributed; launch with torchrun)."""
 
     expert_parallel: up_to(65_536) = 1
-    """Expert-parallel ranks N: rank r holds experts [r*E/N, (r+1)*E/N) of every pool not in `replicate`, and tokens travel to their experts' ranks by all-to-all; 1 = every expert in this process. Those pools' num_experts must be divisible by N, and the world size must equal N."""
+    """Expert-parallel ranks N: rank r holds experts [r*E/N, (r+1)*E/N) of every pool not in `replicate`, and tokens travel to their experts' ranks by all-to-all; 1 = every expert in this process. Those pools' num_experts must be divisible by N, and the world size a multiple of N: world / N groups of N consecutive ranks side by side (EP x DP), balancing statistics over the whole world."""
     replicate: list[str] = Field(default=[], max_length=64)
     """Pools every rank holds whole, as the non-expert weights (DeepSeek-MoE's shared experts: every token uses them, so sending tokens away would only cost)."""
 

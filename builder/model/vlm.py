@@ -361,7 +361,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         (Path(directory) / "spec.yaml").write_text(dump_yaml(self.config.spec))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Under expert parallelism every rank must call it: the pools are gathered and rank 0 writes
+        """Under expert parallelism every rank must call it: the pools are gathered and world rank 0 writes
         the files a single process writes (moebuild/parallel/checkpoint.py)."""
         from moebuild.parallel.checkpoint import expert_parallel_of, gathered_state_dict, single_process_config
 
@@ -373,11 +373,11 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         import torch.distributed as dist
 
         state = gathered_state_dict(self)
-        if parallel.rank == 0:
+        if dist.get_rank() == 0:
             with single_process_config(self):
                 super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
                 self.write_spec(save_directory)
-        dist.barrier(group=parallel.group)
+        dist.barrier()
 
     @torch.no_grad()
     def update_balancing(self) -> None:

@@ -14,10 +14,13 @@ torchtitan's expert-parallel `all_to_all_single`:
   (`AllReduce`, whose backward sums the gradients of every rank, as
   `torch.distributed.nn.functional.all_reduce` does; that one is deprecated in torch 2.13).
 
-Loss convention: every rank adds the same (group-wide) aux losses to its local loss. With the
-replicated (non-expert) gradients averaged over ranks, as DDP / FSDP2 do, those are the
+EP x DP: with a world of W = D * N processes, consecutive blocks of N ranks are expert-parallel
+groups (tokens travel inside a block), and the D ranks holding the same experts are replicas.
+
+Loss convention: every rank adds the same (world-wide) aux losses to its local loss. With the
+replicated (non-expert) gradients averaged over the W ranks, as DDP / FSDP2 do, those are the
 gradients of mean-over-ranks(local LM loss) + aux; the expert gradients arrive summed over the
-ranks' tokens, so `average_expert_grads(model)` divides them by N to match.
+group's tokens, so `average_expert_grads(model)` sums them over the replicas and divides by W.
 
 Legend: T tokens of this rank, D hidden, K slots per token, A kept assignments sent, M rows
 received, N ranks, E experts of a pool, L = E / N local experts.
@@ -36,36 +39,62 @@ from moebuild.spec.errors import BuildError
 
 @dataclass(frozen=True)
 class ExpertParallel:
-    """The process group experts are spread over, and this process's place in it."""
+    """Where this process sits: rank `rank` of an expert-parallel group of `size` ranks, the world
+    made of world / size such groups side by side (EP x DP: consecutive ranks share a group).
+    Statistics are reduced over the whole world, the data-parallel batch; tokens travel inside the
+    group; the ranks holding the same experts (one per group) form `replica_group`."""
 
     size: int
     rank: int
-    group: dist.ProcessGroup | None = None  # None: the default (world) group
+    world: int
+    group: dist.ProcessGroup | None = None  # None: the default (world) group, when size == world
+    replica_group: dist.ProcessGroup | None = None  # None: no other rank holds these experts
 
     @classmethod
     def join(cls, size: int, source: str = "moe.parallel.expert_parallel") -> ExpertParallel | None:
-        """The group for `size` ranks (None for 1); the world must be exactly that group."""
+        """The groups for `size` ranks (None for 1); the world must be a whole number of groups."""
         if size == 1:
             return None
         if not dist.is_available() or not dist.is_initialized():
             raise BuildError(f"{source}={size} needs torch.distributed initialised with {size} processes "
                              f"(launch with torchrun --nproc-per-node {size}, then dist.init_process_group)")
         world = dist.get_world_size()
-        if world != size:
-            raise BuildError(f"{source}={size} but the world size is {world}: launch {size} processes "
-                             f"(torchrun --nproc-per-node {size}) or pass expert_parallel={world}")
-        return cls(size, dist.get_rank())
+        if world % size:
+            raise BuildError(f"{source}={size} but the world size is {world}: launch a multiple of {size} "
+                             f"processes (torchrun --nproc-per-node {size}) or pass expert_parallel={world}")
+        rank = dist.get_rank()
+        group, replica_group = _groups(size, world)[rank // size], None
+        if world > size:
+            replica_group = _groups(world // size, world, strided=True)[rank % size]
+        return cls(size, rank % size, world, group, replica_group)
 
     def reduce(self, t: Tensor) -> Tensor:
-        """The sum of `t` over the group; differentiable where `t` needs a gradient."""
+        """The sum of `t` over the world; differentiable where `t` needs a gradient."""
         if t.requires_grad:
-            return AllReduce.apply(t, self.group)
+            return AllReduce.apply(t, None)
         out = t.clone()
-        dist.all_reduce(out, group=self.group)
+        dist.all_reduce(out)
         return out
 
     def all_reduce_(self, t: Tensor) -> None:
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t)
+
+
+_GROUPS: dict[tuple[int, int, bool], list] = {}
+
+
+def _groups(size: int, world: int, strided: bool = False) -> list:
+    """The world split in groups of `size` ranks: consecutive ranks, or (strided) every world/size-th.
+    Every rank creates every group, in the same order (`new_group` is collective), once per process."""
+    if size == world:
+        return [None]
+    key = (size, world, strided)
+    if key not in _GROUPS:
+        count = world // size
+        ranks = [list(range(i, world, count)) for i in range(count)] if strided else \
+            [list(range(i * size, (i + 1) * size)) for i in range(count)]
+        _GROUPS[key] = [dist.new_group(r) for r in ranks]
+    return _GROUPS[key]
 
 
 def local_sum(t: Tensor) -> Tensor:
@@ -138,31 +167,36 @@ def expert_parallel_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, p
     return torch.zeros_like(x_TD).index_add(0, token_A, y_AD * gate_A1)
 
 
-def average_gradients(model: torch.nn.Module) -> None:
-    """Data parallelism over the expert-parallel group, after backward: every replicated gradient
-    averaged over the ranks (what DDP does) and the expert gradients divided by N. One all-reduce
-    per tensor: for small models and examples; large ones want DDP / FSDP2 buckets (see README)."""
+def _expert_grads(model: torch.nn.Module):
+    """(ExpertParallel, the expert-parallel pools' parameters) of a model; (None, []) when it has none."""
     from moebuild.moe.experts import ExpertPool
 
-    ep = next((m.parallel for m in model.modules() if isinstance(m, ExpertPool) and m.parallel is not None), None)
-    if ep is None:
-        return
-    experts = {id(p) for m in model.modules() if isinstance(m, ExpertPool) and m.parallel is not None
-               for p in m.parameters(recurse=False)}
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        if id(param) not in experts:
-            dist.all_reduce(param.grad, group=ep.group)
-        param.grad.div_(ep.size)
+    pools = [m for m in model.modules() if isinstance(m, ExpertPool) and m.parallel is not None]
+    return (pools[0].parallel if pools else None), [p for m in pools for p in m.parameters(recurse=False)]
 
 
 def average_expert_grads(model: torch.nn.Module) -> None:
-    """Divide expert-parallel pools' gradients by N (see the loss convention above); call after backward."""
-    from moebuild.moe.experts import ExpertPool
+    """Expert gradients as the mean over the world's ranks would have them (see the loss convention
+    above): summed over the ranks holding the same experts, divided by the world size. Call after
+    backward when something else (FSDP2, DDP) averages the replicated gradients."""
+    ep, params = _expert_grads(model)
+    for param in params:
+        if param.grad is not None:
+            if ep.replica_group is not None:
+                dist.all_reduce(param.grad, group=ep.replica_group)
+            param.grad.div_(ep.world)
 
-    for module in model.modules():
-        if isinstance(module, ExpertPool) and module.parallel is not None:
-            for param in module.parameters(recurse=False):
-                if param.grad is not None:
-                    param.grad.div_(module.parallel.size)
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism for an expert-parallel model, after backward: every replicated gradient
+    averaged over the world (what DDP does), and `average_expert_grads`. One all-reduce per tensor:
+    for small models and examples; large ones want FSDP2 (moebuild.parallel.fsdp) or DDP buckets."""
+    ep, params = _expert_grads(model)
+    if ep is None:
+        return
+    experts = {id(p) for p in params}
+    for param in model.parameters():
+        if param.grad is not None and id(param) not in experts:
+            dist.all_reduce(param.grad)
+            param.grad.div_(ep.world)
+    average_expert_grads(model)
