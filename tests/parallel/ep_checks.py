@@ -98,7 +98,7 @@ def compare_grads(single, ep, rank, world):
             close(f"grad {name}", summed, param.grad)
 
 
-def parity(spec, rank, world, B=2, S=6, image=False, padding=True, empty_rank=None):
+def parity(spec, rank, world, B=2, S=6, image=False, padding=True, empty_rank=None, text_only_rank=None):
     """Outputs, aux losses, loss and gradients of the EP layer on each rank's B sequences against
     the single-process layer on all world * B."""
     single, ep = twin_layers(spec, world)
@@ -107,6 +107,8 @@ def parity(spec, rank, world, B=2, S=6, image=False, padding=True, empty_rank=No
     x = torch.randn(world * B, S, D)
     g = torch.randn(world * B, S, D)
     modality = torch.randint(0, 2, (world * B, S)) if image else torch.zeros(world * B, S, dtype=torch.long)
+    if text_only_rank is not None:  # that rank's image route has no tokens, the others' do
+        modality[text_only_rank * B:(text_only_rank + 1) * B] = 0
     mask = torch.ones(world * B, S, dtype=torch.long)
     if padding:
         mask[0, -2:] = 0
@@ -154,8 +156,9 @@ def check_shared_expert(rank, world, tmp):
 def check_ltdr(rank, world, tmp):
     routes = [{"tokens": "text", "pool": "experts", "router": TOPK},
               {"tokens": "image", "pool": "experts", "router": {"type": "dynamic_topk", "top_k": 1, "tail_top_k": 3}}]
-    _, ep = parity({"routes": routes, "pools": POOL, "balancing": [{"type": "load_balance", "coef": 0.1, "tokens": "text"}]},
-                   rank, world, image=True)
+    spec = {"routes": routes, "pools": POOL, "balancing": [{"type": "load_balance", "coef": 0.1, "tokens": "text"}]}
+    parity(spec, rank, world, image=True)
+    parity(spec, rank, world, image=True, text_only_rank=world - 1)
 
 
 def check_empty(rank, world, tmp):
