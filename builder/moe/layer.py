@@ -117,7 +117,8 @@ class MoELayer(nn.Module):
                     aux[term.name] = aux[term.name] + term.coef * term.value(routing, mask_R, batch)
             self._count_load(route.router, routing, batch)
             if output_router_stats:
-                stats[route.name] = route_stats(routing, pool.num_experts, batch.valid_R, batch.modality_R, route.tokens)
+                stats[route.name] = route_stats(routing, pool.num_experts, batch.valid_R, batch.modality_R, route.tokens,
+                                               self._reduce)
         return MoELayerOutput(y_TD.view(B, S, D), aux, stats)
 
     def _count_load(self, router: Router, routing: Routing, batch: RouteBatch) -> None:

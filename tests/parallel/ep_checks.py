@@ -121,6 +121,10 @@ def parity(spec, rank, world, B=2, S=6, image=False, padding=True, empty_rank=No
     ref, ref_loss, ref_dx = layer_step(single, x, modality, mask, g)
     out, loss, dx = layer_step(ep, x[part], modality[part], mask[part], g[part], scale=1.0 / world)
     close("output", out.hidden_states, ref.hidden_states[part])
+    for route, groups in ref.router_stats.items():  # router statistics over every rank's tokens
+        for group, stats in groups.items():
+            for name, value in stats.items():
+                close(f"stat {route} {group} {name}", out.router_stats[route][group][name], value)
     for name, value in ref.aux_losses.items():
         close(f"aux {name}", out.aux_losses[name], value)
     summed = loss.detach().clone()
