@@ -282,6 +282,18 @@ def _moe_parts(spec: ModelSpec, modality: str) -> dict[str, Part]:
     return parts
 
 
+def params_per_rank(spec: ModelSpec) -> int:
+    """Parameters one process holds under `moe.parallel.expert_parallel` = N: the whole model but
+    (N - 1) / N of every sharded pool's experts (N = 1: the total)."""
+    total = summarize(spec).total_params
+    if spec.moe is None or spec.moe.parallel.expert_parallel == 1:
+        return total
+    n, h, n_moe = spec.moe.parallel.expert_parallel, spec.language.hidden_size, len(spec.moe_layers())
+    sharded = sum(n_moe * pool.num_experts * _ffn_params(h, pool.intermediate_size, pool.gated, pool.bias)[0]
+                  for name, pool in spec.moe.pools.items() if name not in spec.moe.parallel.replicate)
+    return total - sharded + sharded // n
+
+
 def language_component(spec: ModelSpec, modality: str, context: int = DEFAULT_CONTEXT) -> Component:
     lang, layout = spec.language, FAMILIES[spec.language.type]
     h, vocab, n = lang.hidden_size, lang.vocab_size, lang.num_layers

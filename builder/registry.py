@@ -45,6 +45,7 @@ from moebuild.moe.routers.expert_choice import ExpertChoiceRouter
 from moebuild.moe.routers.hierarchical import HierarchicalRouter, ModalityMixRouter
 from moebuild.moe.routers.soft import SoftRouter
 from moebuild.moe.routers.topk import DenseRouter, TopKRouter
+from moebuild.parallel.expert import ExpertParallel
 from moebuild.schemas import (
     AuxFreeBiasSpec,
     ClipVisionSpec,
@@ -115,7 +116,10 @@ def build_language(node: LanguageSpec, *, moe: MoESpec | None = None, hf_config=
 def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
     """One MoE layer: its pools, its routes (each router sized to its pool) and its balancing terms."""
     backend = node.dispatch.backend
-    pools = {name: build_module(pool, hidden_size=hidden_size, backend=backend) for name, pool in node.pools.items()}
+    parallel = ExpertParallel.join(node.parallel.expert_parallel)
+    pools = {name: build_module(pool, hidden_size=hidden_size, backend=backend,
+                                parallel=None if name in node.parallel.replicate else parallel)
+             for name, pool in node.pools.items()}
     routes = [
         Route(build_module(route.router, hidden_size=hidden_size, num_experts=node.pools[route.pool].num_experts),
               route.pool, tokens=route.tokens)
@@ -126,7 +130,7 @@ def build_moe(node: MoESpec, *, hidden_size: int) -> MoELayer:
     if updates:  # `bias: {update_rate}` on routers: one bias term over the tokens those routes see
         tokens = {t for _, t in updates}
         terms.append(BiasBalancing(updates[0][0], tokens=tokens.pop() if len(tokens) == 1 else "all"))
-    return MoELayer(routes, terms, pools)
+    return MoELayer(routes, terms, pools, parallel)
 
 
 REGISTRY: dict[type, Callable[..., Any]] = {

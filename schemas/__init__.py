@@ -27,11 +27,13 @@ from moebuild.schemas.moe import (
     FirstKDenseSpec,
     LoadBalanceSpec,
     MoESpec,
+    ParallelSpec,
     PoolSpec,
     RouteSpec,
     SeqAuxSpec,
     SwitchAuxSpec,
     ZLossSpec,
+    indivisible_pools,
     moe_layer_indices,
 )
 from moebuild.schemas.routers import (

@@ -120,6 +120,22 @@ class DispatchSpec(SpecModel):
     """auto = the sort-based torch path (Triton becomes the CUDA default once verified on a GPU); triton = the Triton kernels, opt-in; eager = the per-expert reference loop."""
 
 
+class ParallelSpec(SpecModel):
+    """How the MoE layers are spread over processes (torch.distributed; launch with torchrun)."""
+
+    expert_parallel: up_to(65_536) = 1
+    """Expert-parallel ranks N: rank r holds experts [r*E/N, (r+1)*E/N) of every pool not in `replicate`, and tokens travel to their experts' ranks by all-to-all; 1 = every expert in this process. Those pools' num_experts must be divisible by N, and the world size a multiple of N: world / N groups of N consecutive ranks side by side (EP x DP), balancing statistics over the whole world."""
+    replicate: list[str] = Field(default=[], max_length=64)
+    """Pools every rank holds whole, as the non-expert weights (DeepSeek-MoE's shared experts: every token uses them, so sending tokens away would only cost)."""
+
+
+def indivisible_pools(pools: dict, expert_parallel: int, replicate=()) -> list[str]:
+    """The message for each sharded pool whose experts cannot be split evenly over `expert_parallel` ranks."""
+    return [f"moe.pools.{name}.num_experts={pool.num_experts} is not divisible by expert_parallel={expert_parallel} "
+            f"(each rank holds num_experts / expert_parallel experts of every pool not in moe.parallel.replicate)"
+            for name, pool in pools.items() if name not in replicate and pool.num_experts % expert_parallel]
+
+
 class MoESpec(SpecModel):
     """Which layers are MoE, their expert pools, the routing graph and the balancing regime."""
 
@@ -133,6 +149,17 @@ class MoESpec(SpecModel):
     """Balancing terms added to the loss, each over its tokens."""
     dispatch: DispatchSpec = DispatchSpec()
     """Expert dispatch backend."""
+    parallel: ParallelSpec = ParallelSpec()
+    """Expert parallelism across processes."""
+
+    @model_validator(mode="after")
+    def _experts_split_over_ranks(self):
+        problems = indivisible_pools(self.pools, self.parallel.expert_parallel, self.parallel.replicate)
+        problems += [f"moe.parallel.replicate names {name!r}, not a pool ({', '.join(self.pools)})"
+                     for name in self.parallel.replicate if name not in self.pools]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _aux_free_bias_needs_a_bias(self):

@@ -69,10 +69,14 @@ def init_custom_weights(module: nn.Module, std: float) -> bool:
 
     if isinstance(module, ExpertPool):
         for name, param in module.named_parameters(recurse=False):
-            init.zeros_(param) if name.endswith("_bias") else init.normal_(param, std=std)
+            # an expert-parallel rank draws the whole pool and keeps its slice: the single process's init
+            full = param if module.parallel is None else param.new_empty(module.num_experts, *param.shape[1:])
+            init.zeros_(full) if name.endswith("_bias") else init.normal_(full, std=std)
             if module.upcycle:
                 # Upcycling (Komatsuzaki et al. 2023; MoE-LLaVA): every expert a copy of one FFN.
-                init.copy_(param, param[:1].expand_as(param).clone())
+                full = full[:1].expand_as(full).clone()
+            if full is not param:
+                init.copy_(param, full[module.first_expert:module.first_expert + module.num_local_experts])
         return True
     if isinstance(module, Router):
         init_router(module, init.normal_, init.zeros_)
@@ -308,6 +312,11 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json (a model directory holds config.json, spec.yaml "
                                   "and model.safetensors)")
+        expert_parallel = kwargs.pop("expert_parallel", None)
+        if expert_parallel is not None or "config" not in kwargs:
+            sharded = cls._from_pretrained_expert_parallel(directory, expert_parallel, kwargs)
+            if sharded is not None:
+                return (sharded, {}) if kwargs.get("output_loading_info") else sharded
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs["use_safetensors"] = True  # never a pickle
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, with the other misfits
@@ -323,6 +332,30 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
             raise CheckpointError(f"{directory / 'model.safetensors'} does not fit its spec; " + "; ".join(problems))
         return (model, info) if wants_info else model
 
+    @classmethod
+    def _from_pretrained_expert_parallel(cls, directory, expert_parallel: int | None, kwargs: dict):
+        """Under expert parallelism (the config's `moe.parallel`, or `expert_parallel=N`): the model
+        built for this rank and filled with its experts' slices only. For N = 1, None, with
+        `kwargs["config"]` set to the config at N = 1 where the checkpoint's says otherwise."""
+        from moebuild.parallel.checkpoint import load_expert_parallel, with_expert_parallel
+
+        config = MoEVLMConfig.from_pretrained(directory)
+        spec = config.parsed_spec
+        stored = spec.moe.parallel.expert_parallel if spec.moe is not None else 1
+        n = stored if expert_parallel is None else expert_parallel
+        if n == 1:
+            if stored != 1:
+                kwargs["config"] = MoEVLMConfig(spec=with_expert_parallel(spec, 1).model_dump(mode="json"))
+            return None
+        spec = with_expert_parallel(spec, n, source=f"{directory}: expert_parallel")
+        if expert_parallel is None:  # the checkpoint's own N: its world-size error names the checkpoint
+            from moebuild.parallel.expert import ExpertParallel
+
+            ExpertParallel.join(n, source=f"{directory / 'config.json'}: moe.parallel.expert_parallel")
+        model = build(spec, device=kwargs.get("device_map"), dtype=kwargs.get("dtype"), expert_parallel=n)
+        load_expert_parallel(model, directory)
+        return model.eval()
+
     def write_spec(self, directory) -> None:
         """Write the resolved spec as `spec.yaml`: the model's definition, readable and re-loadable."""
         from pathlib import Path
@@ -332,8 +365,23 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         (Path(directory) / "spec.yaml").write_text(dump_yaml(self.config.spec))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        self.write_spec(save_directory)
+        """Under expert parallelism every rank must call it: the pools are gathered and world rank 0 writes
+        the files a single process writes (moebuild/parallel/checkpoint.py)."""
+        from moebuild.parallel.checkpoint import expert_parallel_of, gathered_state_dict, single_process_config
+
+        parallel = expert_parallel_of(self)
+        if parallel is None:
+            super().save_pretrained(save_directory, *args, **kwargs)
+            self.write_spec(save_directory)
+            return
+        import torch.distributed as dist
+
+        state = gathered_state_dict(self)
+        if dist.get_rank() == 0:
+            with single_process_config(self):
+                super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
+                self.write_spec(save_directory)
+        dist.barrier()
 
     @torch.no_grad()
     def update_balancing(self) -> None:
@@ -357,19 +405,27 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         return self.apply_stage(stage).trainable
 
 
-def build(spec, device=None, dtype=None, seed: int | None = None) -> MoEVLMForConditionalGeneration:
+def build(spec, device=None, dtype=None, seed: int | None = None,
+          expert_parallel: int | None = None) -> MoEVLMForConditionalGeneration:
     """A `MoEVLMForConditionalGeneration` from a spec, a preset name or a spec file.
 
     The model is built on the meta device, cast to `dtype` there (the rotary tables stay fp32, as
     in transformers), then allocated on `device` and initialised: no process-wide default dtype is
     set and, with a `seed`, the global RNG is left as it was. On `device="meta"` nothing is
     allocated (and no pretrained weights are read). Routers still compute in their spec'd precision.
+    `expert_parallel=N` overrides the spec's `moe.parallel.expert_parallel`: each of the N processes of
+    the torch.distributed world builds its E/N experts of every pool (initialised, with a seed, as the
+    single-process model's experts: the same draws, sliced).
     """
     from moebuild.model.pretrained import load_pretrained_parts
     from moebuild.spec.loading import load_spec
 
     if not isinstance(spec, ModelSpec):
         spec = load_spec(spec)
+    if expert_parallel is not None:
+        from moebuild.parallel.checkpoint import with_expert_parallel
+
+        spec = with_expert_parallel(spec, expert_parallel)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or torch.float32
     device = torch.device(device or "cpu")
     if device.type != "meta":
@@ -392,11 +448,12 @@ def build(spec, device=None, dtype=None, seed: int | None = None) -> MoEVLMForCo
 
 
 def check_memory(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose weights alone exceed the memory available."""
-    from moebuild.accounting import summarize
+    """Refuse, before allocating, a model whose weights alone (this rank's share under expert
+    parallelism) exceed the memory available."""
+    from moebuild.accounting import params_per_rank
     from moebuild.model.memory_budget import available_bytes
 
-    needed = summarize(spec).total_params * dtype.itemsize
+    needed = params_per_rank(spec) * dtype.itemsize  # an expert-parallel rank holds E/N experts
     available = available_bytes(device)
     if available is not None and needed > available:
         raise BuildError(

@@ -19,12 +19,15 @@ I image tokens, N edges.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor
 from torch_geometric.utils import to_undirected
+
+from moebuild.parallel.expert import local_sum
 
 TEXT, IMAGE = 0, 1  # modality codes of tokens
 
@@ -36,16 +39,19 @@ class LayerCall:
     x_BSD: Tensor
     modality_BS: Tensor  # TEXT / IMAGE (padding keeps whatever it was given)
     valid_BS: Tensor  # bool: not padding
+    # sum of a per-call statistic over every process's call (expert parallelism); here: itself
+    reduce: Callable[[Tensor], Tensor] = local_sum
 
     @classmethod
-    def of(cls, x_BSD: Tensor, modality_BS: Tensor | None = None, valid_BS: Tensor | None = None) -> LayerCall:
+    def of(cls, x_BSD: Tensor, modality_BS: Tensor | None = None, valid_BS: Tensor | None = None,
+           reduce: Callable[[Tensor], Tensor] = local_sum) -> LayerCall:
         """A call whose modality defaults to all text and validity to all real tokens."""
         B, S, _ = x_BSD.shape
         if modality_BS is None:
             modality_BS = torch.full((B, S), TEXT, dtype=torch.long, device=x_BSD.device)
         if valid_BS is None:
             valid_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
-        return cls(x_BSD, modality_BS, valid_BS)
+        return cls(x_BSD, modality_BS, valid_BS, reduce)
 
     @property
     def num_seqs(self) -> int:
@@ -145,6 +151,12 @@ class RouteBatch:
         if seq_T is not None:
             batch.seq_R, batch.num_seqs = seq_T, int(seq_T.max()) + 1 if seq_T.numel() else 1
         return batch
+
+    @property
+    def reduce(self) -> Callable[[Tensor], Tensor]:
+        """Sums a statistic of these tokens over the tokens of every rank (expert parallelism): what a
+        router or balancing term that averages over the batch divides by the group's totals with."""
+        return self.call.reduce
 
     def rows(self, features_TF: Tensor) -> Tensor:
         """The route's rows of a tensor over the call's tokens."""

@@ -9,6 +9,10 @@ With bias=True: `gate_up_proj_bias` [E, 2I] or `up_proj_bias` [E, I], and `down_
 Routing is decided outside (scattermoe's `forward(x, expert_p, expert_idxs)`): the pool receives
 each token's K expert ids and gate weights and hands them to a dispatch backend.
 
+Under expert parallelism (`parallel`, moebuild/parallel/) the pool holds only its rank's
+L = E / N experts, [rank * L, (rank + 1) * L), under the same tensor names; ids stay global and
+the forward sends rows to the experts' ranks. Without it (N = 1) nothing changes.
+
 Legend: T tokens, D hidden, K slots per token, E experts, I intermediate, N rows of one expert.
 """
 
@@ -19,6 +23,7 @@ from transformers.activations import ACT2FN
 
 from moebuild.kernels.reference import ExpertWeights
 from moebuild.moe.dispatch import check_backend, get_dispatch
+from moebuild.parallel.expert import ExpertParallel, expert_parallel_dispatch
 
 
 class ExpertPool(nn.Module):
@@ -33,11 +38,15 @@ class ExpertPool(nn.Module):
         backend: str = "torch",
         upcycle: bool = False,
         init_std: float = 0.02,
+        parallel: ExpertParallel | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.num_experts = num_experts
+        self.parallel = parallel
+        self.num_local_experts = num_experts // parallel.size if parallel is not None else num_experts
+        self.first_expert = parallel.rank * self.num_local_experts if parallel is not None else 0
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.gated = gated
@@ -47,7 +56,7 @@ class ExpertPool(nn.Module):
         self.init_std = init_std
         self.act_fn = ACT2FN[activation]
         factory = {"device": device, "dtype": dtype}
-        E, D, I = num_experts, hidden_size, intermediate_size
+        E, D, I = self.num_local_experts, hidden_size, intermediate_size
         self.in_name = "gate_up_proj" if gated else "up_proj"
         in_rows = 2 * I if gated else I
         self.register_parameter(self.in_name, nn.Parameter(torch.empty(E, in_rows, D, **factory)))
@@ -59,9 +68,10 @@ class ExpertPool(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_spec(cls, node, *, hidden_size: int, backend: str = "auto") -> "ExpertPool":
+    def from_spec(cls, node, *, hidden_size: int, backend: str = "auto",
+                  parallel: ExpertParallel | None = None) -> "ExpertPool":
         return cls(node.num_experts, hidden_size, node.intermediate_size, activation=node.activation, gated=node.gated,
-                   bias=node.bias, backend=backend, upcycle=node.init == "upcycle")
+                   bias=node.bias, backend=backend, upcycle=node.init == "upcycle", parallel=parallel)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights and zero biases, as transformers' `_init_weights`."""
@@ -73,7 +83,7 @@ class ExpertPool(nn.Module):
 
     def split(self) -> list[ExpertWeights]:
         """Per-expert views, taken with one `unbind` per tensor (see kernels/reference.py)."""
-        E = self.num_experts
+        E = self.num_local_experts
         in_bias = getattr(self, f"{self.in_name}_bias")
         b_in = in_bias.unbind(0) if in_bias is not None else [None] * E
         b_out = self.down_proj_bias.unbind(0) if self.down_proj_bias is not None else [None] * E
@@ -97,6 +107,8 @@ class ExpertPool(nn.Module):
     def forward(self, x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
         """Sum over each token's K slots of gate weight * expert output; id -1 = dropped slot."""
         dispatch = get_dispatch(self.backend, x_TD.device)
+        if self.parallel is not None:
+            return expert_parallel_dispatch(x_TD, weights_TK, ids_TK, self, dispatch)
         return dispatch(x_TD, weights_TK, ids_TK, self)
 
     def extra_repr(self) -> str:
@@ -104,4 +116,6 @@ class ExpertPool(nn.Module):
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
             f"intermediate_size={self.intermediate_size}, gated={self.gated}, "
             f"backend={self.backend!r}"
+            + ("" if self.parallel is None else f", experts [{self.first_expert}, "
+               f"{self.first_expert + self.num_local_experts}) of {self.parallel.size} ranks")
         )

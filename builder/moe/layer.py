@@ -15,6 +15,11 @@ checkpointing, reentrant or not, counts each token once: torchtitan #1593), the 
 biased router's selections over the term's tokens to the router's pending load;
 `update_balancing()` (after the optimiser step) moves the biases and advances top-k curricula.
 
+Expert parallelism (`parallel`, moebuild/parallel/): the pools hold their rank's experts and send
+tokens there; the routers run here on this rank's tokens; every statistic the balancing terms and
+batch-comparing routers sum over tokens is summed over the group (`LayerCall.reduce`), and the
+aux-free loads are summed before each bias update, so every rank moves the same bias.
+
 Legend: B batch, S sequence, T = B*S tokens (R: tokens of one route), D hidden, E experts,
 K slots per token.
 """
@@ -30,6 +35,7 @@ from moebuild.moe.batch import IMAGE, TEXT, LayerCall, RouteBatch
 from moebuild.moe.experts import ExpertPool
 from moebuild.moe.routers.base import Router, Routing
 from moebuild.moe.stats import route_stats
+from moebuild.parallel.expert import ExpertParallel, local_sum
 
 SELECTORS: dict[str, Callable[[Tensor], Tensor]] = {
     "all": lambda modality_T: torch.ones_like(modality_T, dtype=torch.bool),
@@ -67,8 +73,11 @@ def _counting_load() -> bool:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, routes: list[Route], balancing: list[BalancingTerm | BiasBalancing], pools: dict[str, ExpertPool]):
+    def __init__(self, routes: list[Route], balancing: list[BalancingTerm | BiasBalancing], pools: dict[str, ExpertPool],
+                 parallel: ExpertParallel | None = None):
         super().__init__()
+        self.parallel = parallel
+        self._reduce = local_sum if parallel is None else parallel.reduce
         names = [route.name for route in routes]
         if len(set(names)) != len(names):
             raise ValueError(f"route names must be unique, got {names}")
@@ -91,7 +100,8 @@ class MoELayer(nn.Module):
         `output_aux_losses=False` leaves `aux_losses` empty and computes no balancing term
         (generation: 7% of a micro-preset generate went to terms nobody read)."""
         B, S, D = x_BSD.shape
-        call = LayerCall.of(x_BSD, modality_BS, None if attention_mask_BS is None else attention_mask_BS.bool())
+        call = LayerCall.of(x_BSD, modality_BS, None if attention_mask_BS is None else attention_mask_BS.bool(),
+                            self._reduce)
         y_TD = torch.zeros_like(call.x_TD)
         terms = self.balancing if output_aux_losses else []
         aux = {term.name: torch.zeros((), device=x_BSD.device) for term in terms}
@@ -110,7 +120,8 @@ class MoELayer(nn.Module):
                     aux[term.name] = aux[term.name] + term.coef * term.value(routing, mask_R, batch)
             self._count_load(route.router, routing, batch)
             if output_router_stats:
-                stats[route.name] = route_stats(routing, pool.num_experts, batch.valid_R, batch.modality_R, route.tokens)
+                stats[route.name] = route_stats(routing, pool.num_experts, batch.valid_R, batch.modality_R, route.tokens,
+                                               self._reduce)
         return MoELayerOutput(y_TD.view(B, S, D), aux, stats)
 
     def _count_load(self, router: Router, routing: Routing, batch: RouteBatch) -> None:
@@ -123,4 +134,6 @@ class MoELayer(nn.Module):
         """Call after each optimiser step: aux-free bias updates from the counted loads, curriculum steps."""
         rate = self.bias_balancing[0].rate if self.bias_balancing else 0.0
         for route in self.routes:
+            if self.parallel is not None and route.router.has_correction_bias:
+                self.parallel.all_reduce_(route.router.pending_load_E)
             route.router.update_balancing(rate)

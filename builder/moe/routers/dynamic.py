@@ -6,7 +6,7 @@ whose softmax mass reaches p, at most `max_experts`.
 `DynamicTopKRouter` is LTDR's vision routing (Cai et al. 2025, "Long-Tailed Distribution-Aware
 Router"): a token's routing-probability variance (RPV, the variance of its softmax probabilities
 across experts) above the mean RPV of its group -- the route's non-padding tokens in this call --
-makes it a tail token, routed to `tail_top_k` experts; the others take `top_k`. It holds at
+makes it a tail token (under expert parallelism the mean is over every rank's tokens), routed to `tail_top_k` experts; the others take `top_k`. It holds at
 inference too. The variance is the population variance; the unbiased one is a constant multiple
 of it and selects the same tokens.
 
@@ -82,7 +82,8 @@ class DynamicTopKRouter(LinearRouter):
         probs_TE = logits_TE.softmax(dim=-1)
         # population variance across experts, written out: torch.var warns on an empty route (decode)
         rpv_T = (probs_TE - probs_TE.mean(dim=-1, keepdim=True)).square().mean(dim=-1)
-        mean_rpv = (rpv_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+        # over every rank's tokens under expert parallelism (the threshold is a batch statistic)
+        mean_rpv = batch.reduce((rpv_T.detach() * valid_T).sum()) / batch.reduce(valid_T.sum()).clamp_min(1)
         tail_T = (rpv_T > mean_rpv) & valid_T
         k_T = torch.where(tail_T, self.tail_top_k, self.top_k)
         ids_TK = probs_TE.topk(self.tail_top_k, dim=-1).indices
