@@ -320,30 +320,36 @@ def _stack(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 # Qwen v1 (`transformer.*`, fused c_attn, w1 = up, w2 = gate, c_proj = down) <-> the naming of
 # MoE-LLaVA's other backbones, which the rest of this module reads.
-_QWEN = [(re.compile(a), b) for a, b in (
-    (r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
-    (r"^transformer\.h\.(\d+)\.ln_1\.", r"model.layers.\1.input_layernorm."),
-    (r"^transformer\.h\.(\d+)\.ln_2\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^transformer\.h\.(\d+)\.attn\.c_proj\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?w1\.", r"model.layers.\1.mlp.\2up_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?w2\.", r"model.layers.\1.mlp.\2gate_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?c_proj\.", r"model.layers.\1.mlp.\2down_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.deepspeed_moe\.gate\.", r"model.layers.\1.mlp.deepspeed_moe.gate."),
-    (r"^transformer\.(image_tower|mm_projector)\.", r"model.\1."),
-)]
-_QWEN_BACK = [(re.compile(a), b) for a, b in (
-    (r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?up_proj\.", r"transformer.h.\1.mlp.\2w1."),
-    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?gate_proj\.", r"transformer.h.\1.mlp.\2w2."),
-    (r"^model\.layers\.(\d+)\.mlp\.(deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?down_proj\.", r"transformer.h.\1.mlp.\2c_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.", r"transformer.h.\1.mlp.deepspeed_moe.gate."),
-    (r"^model\.(image_tower|mm_projector)\.", r"transformer.\1."),
-)]
+_QWEN_NAMES = [  # (Qwen v1, the other backbones); {L} a layer, {X} an expert's prefix inside an MoE layer
+    ("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+    ("transformer.h.{L}.ln_1.", "model.layers.{L}.input_layernorm."),
+    ("transformer.h.{L}.ln_2.", "model.layers.{L}.post_attention_layernorm."),
+    ("transformer.h.{L}.attn.c_proj.", "model.layers.{L}.self_attn.o_proj."),
+    ("transformer.h.{L}.mlp.{X}w1.", "model.layers.{L}.mlp.{X}up_proj."),
+    ("transformer.h.{L}.mlp.{X}w2.", "model.layers.{L}.mlp.{X}gate_proj."),
+    ("transformer.h.{L}.mlp.{X}c_proj.", "model.layers.{L}.mlp.{X}down_proj."),
+    ("transformer.h.{L}.mlp.deepspeed_moe.gate.", "model.layers.{L}.mlp.deepspeed_moe.gate."),
+    ("transformer.image_tower.", "model.image_tower."), ("transformer.mm_projector.", "model.mm_projector."),
+]
+
+
+def _rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    pattern = "^" + re.escape(source).replace(r"\{L\}", r"(?P<L>\d+)").replace(
+        r"\{X\}", r"(?P<X>(?:deepspeed_moe\.experts\.deepspeed_experts\.\d+\.)?)")
+    return re.compile(pattern), target.replace("{L}", r"\g<L>").replace("{X}", r"\g<X>")
+
+
+_QWEN = [_rule(theirs, ours) for theirs, ours in _QWEN_NAMES]
+_QWEN_BACK = [_rule(ours, theirs) for theirs, ours in _QWEN_NAMES]
 _C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$")
 _QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def _renamed(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in rules:
+        if pattern.match(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
 
 
 def _from_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -353,11 +359,7 @@ def _from_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, part in zip("qkv", value.chunk(3)):
                 out[f"model.layers.{match[1]}.self_attn.{name}_proj.{match[2]}"] = part
             continue
-        for pattern, replacement in _QWEN:
-            if pattern.match(key):
-                key = pattern.sub(replacement, key, count=1)
-                break
-        out[key] = value
+        out[_renamed(key, _QWEN)] = value
     return out
 
 
@@ -367,11 +369,7 @@ def _to_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if match := _QKV.match(key):
             qkv.setdefault((match[1], match[3]), {})[match[2]] = value
             continue
-        for pattern, replacement in _QWEN_BACK:
-            if pattern.match(key):
-                key = pattern.sub(replacement, key, count=1)
-                break
-        out[key] = value
+        out[_renamed(key, _QWEN_BACK)] = value
     for (layer, kind), parts in qkv.items():
         out[f"transformer.h.{layer}.attn.c_attn.{kind}"] = torch.cat([parts[n] for n in "qkv"])
     return out
