@@ -22,6 +22,8 @@ _LAZY = {
     "MoEVLMForConditionalGeneration": "moebuild.model.vlm",
     "MoEVLMOutput": "moebuild.model.vlm",
     "MoELayerOutput": "moebuild.moe.layer",
+    "trace": "moebuild.tracing",
+    "RoutingTrace": "moebuild.tracing",
 }
 
 __all__ = ["SpecError", "UntestedVersionWarning", "list_presets", "load_spec", *_LAZY]

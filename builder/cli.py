@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -535,6 +536,90 @@ def spec_json_schema() -> dict:
 
     body = ModelSpec.model_json_schema()
     return {"$schema": SCHEMA_URI, **body, "title": "moebuild spec"}
+
+
+@main.command("trace")
+@click.argument("model", metavar="MODEL_DIR_OR_SPEC")
+@click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help='JSONL file: one {"prompt": "... <image> ...", "image": "path"} per line; image optional, '
+                   "relative to the file.")
+@click.option("--image", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="One image (with --prompt).")
+@click.option("--prompt", help="One prompt; `<image>` marks where the image goes (default: at the start).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write routing.json, the PNG figures and report.html to.")
+@click.option("--layer", type=int, help="Decoder layer of the patch maps (default: the first MoE layer).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation when MODEL is a spec.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if moebuild wrote everything in it.")
+def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | None, output: Path,
+              layer: int | None, batch_size: int, seed: int, force: bool):
+    """Run a model over prompts (and images) and draw where its routers sent each token: per MoE layer,
+    route and modality, expert loads, dropped slots, router entropy, LTDR's routing-probability
+    variance, expert co-activation and per-patch top-1 experts. MODEL is a directory `moebuild
+    compile` wrote, or a spec (built with random weights). Writes OUTPUT/routing.json, PNGs and a
+    self-contained OUTPUT/report.html; prompts are tokenized byte by byte (moebuild.model.tokenizer).
+
+    \b
+    Examples:
+      moebuild trace out/micro-ltdr --image photo.png --prompt "<image> What is this?" -o out/trace
+      moebuild trace micro-moe-llava --data samples.jsonl -o out/trace --layer 2 --batch-size 4
+    """
+    if (data is None) == (image is None and prompt is None):
+        raise click.UsageError("give either --data FILE.jsonl or --prompt TEXT (with --image IMG)")
+    if image is not None and prompt is None:
+        prompt = ""
+    from moebuild.output import OutputError, check_output
+
+    try:
+        check_output(output, force)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
+    from moebuild.tracing.inputs import InputError, Sample, load_image, read_jsonl
+
+    try:
+        samples = read_jsonl(data) if data is not None else [Sample(prompt, None if image is None else load_image(image))]
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+    from transformers.utils import logging as hf_logging
+
+    from moebuild.model.pretrained import CheckpointError
+
+    hf_logging.disable_progress_bar()  # the trace's own bar is the one to watch
+    if Path(model).is_dir():
+        from moebuild.model.vlm import MoEVLMForConditionalGeneration
+
+        try:
+            built = MoEVLMForConditionalGeneration.from_pretrained(model)
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise click.ClickException(f"{model}: {_first_line(exc)}") from None
+    else:
+        from moebuild.model.vlm import build
+        from moebuild.spec.loading import load_spec
+
+        built = build(load_spec(model), seed=seed)
+    built.eval()
+    from moebuild.tracing.collect import RoutingTrace, moe_layers, trace
+    from moebuild.tracing.report import write_trace_dir
+
+    indices = [index for index, _ in moe_layers(built)]
+    if not indices:
+        raise click.ClickException(f"{model} has no MoE layer: nothing to trace")
+    if layer is not None and layer not in indices:
+        raise click.BadParameter(f"layer {layer} is not an MoE layer; choose from {indices}", param_hint="--layer")
+    from moebuild.tracing.inputs import batches
+
+    result = RoutingTrace(model_name=built.spec.name)
+    pictures = []
+    try:
+        with click.progressbar(length=len(samples), label="tracing", file=sys.stderr) as bar:
+            for batch, batch_images in batches(samples, built, batch_size):
+                trace(built, batch, into=result)
+                pictures += batch_images
+                bar.update(batch["input_ids"].shape[0])
+        write_trace_dir(result, pictures, layer, output, force)
+    except (InputError, OutputError, ValueError) as exc:
+        raise click.ClickException(_first_line(exc)) from None
+    click.echo(f"traced {len(samples)} sample(s), {len(indices)} MoE layer(s); wrote {output} (open report.html)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 SPECIALS = 3  # pad, bos, eos
 BYTES = 256
+IMAGE_PLACEHOLDER = "<image>"
 
 
 class ByteTokenizer:
@@ -27,10 +28,26 @@ class ByteTokenizer:
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad, bos, eos
 
     def encode(self, text: str) -> list[int]:
-        return [b + SPECIALS for b in text.encode("utf-8")]
+        """The ids of `text`, each `<image>` as one image_token_id (no bos/eos added); the caller
+        expands it to the picture's token count."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                if self.image_token_id is None:
+                    raise ValueError("the prompt has an <image> placeholder but the model has no image_token_id")
+                ids.append(self.image_token_id)
+            ids += [b + SPECIALS for b in part.encode("utf-8")]
+        return ids
 
     def decode(self, ids) -> str:
-        return bytes(i - SPECIALS for i in ids if SPECIALS <= i < SPECIALS + BYTES).decode("utf-8", errors="replace")
+        text, run = [], bytearray()
+        for i in ids:
+            if SPECIALS <= i < SPECIALS + BYTES:
+                run.append(i - SPECIALS)
+            elif i == self.image_token_id:
+                text.append(run.decode("utf-8", errors="replace") + IMAGE_PLACEHOLDER)
+                run = bytearray()
+        return "".join(text) + run.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

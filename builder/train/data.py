@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-IMAGE = "<image>"
+from moebuild.model.tokenizer import IMAGE_PLACEHOLDER as IMAGE
+
 IGNORE = -100
 ROLES = {"human": "USER: ", "gpt": ""}
 

@@ -1,0 +1,99 @@
+"""The inputs of `moebuild trace`: samples from a JSONL file or one image + prompt, batched.
+
+JSONL: one object per line, {"prompt": "... <image> ...", "image": "path"}; "image" is optional
+and relative to the JSONL file's directory. A prompt with an image but no `<image>` gets one at
+its start. Prompts are tokenized by the built-in byte-level tokenizer (the spec names none), a
+bos first, each `<image>` expanded to the image's token count; sequences are right-padded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, ByteTokenizer
+
+
+class InputError(ValueError):
+    """A problem with the trace inputs, stated in one line."""
+
+
+@dataclass
+class Sample:
+    prompt: str
+    image: Image.Image | None = None
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from None
+
+
+def read_jsonl(path: Path) -> list[Sample]:
+    samples = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f'{path}:{number}: each line needs a "prompt" string')
+        image = record.get("image")
+        samples.append(Sample(record["prompt"], None if image is None else load_image(path.parent / image)))
+    if not samples:
+        raise InputError(f"{path}: no samples")
+    return samples
+
+
+def batches(samples: list[Sample], model, batch_size: int):
+    """Yield (model keyword arguments, the batch's images) for each batch of samples."""
+    from moebuild.registry import build_processor
+
+    config = model.config
+    tokenizer = ByteTokenizer(config.vocab_size, getattr(config, "image_token_id", None))
+    processor = None
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        rows, images, grids = [], [], []
+        for sample in chunk:
+            prompt = sample.prompt
+            if sample.image is not None and IMAGE_PLACEHOLDER not in prompt:
+                prompt = IMAGE_PLACEHOLDER + "\n" + prompt
+            wanted = prompt.count(IMAGE_PLACEHOLDER)
+            if wanted != (sample.image is not None):
+                raise InputError(f"prompt {sample.prompt[:40]!r} has {wanted} <image> placeholder(s) "
+                                 f"but {int(sample.image is not None)} image")
+            ids = tokenizer.encode(prompt)
+            if sample.image is not None:
+                if processor is None:
+                    processor = build_processor(model.spec)
+                processed = processor([sample.image])
+                images.append((sample.image, processed))
+                grids += processed.tile_grids or []
+                n = processed.num_image_tokens[0]
+                at = ids.index(config.image_token_id)
+                ids = ids[:at] + [config.image_token_id] * n + ids[at + 1:]
+            rows.append([config.bos_token_id, *ids])
+        width = max(len(r) for r in rows)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            batch["pixel_values"] = torch.cat([p.pixel_values for _, p in images])
+            if grids:
+                batch["image_grids"] = grids
+        yield batch, [image for image, _ in images]
