@@ -269,14 +269,17 @@ def few_tokens_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -
                 rows.append(t)
                 gates.append(gate)
     y_TD = torch.zeros_like(x_TD)
+    rows_of_one = [x_TD[t:t + 1] for t in range(len(x_TD))], [y_TD[t:t + 1] for t in range(len(y_TD))]
     for e, (rows, gates) in slots.items():
         one = len(rows) == 1
-        x_ND = x_TD[rows[0]:rows[0] + 1] if one else x_TD[rows]
-        h_NR = F.linear(x_ND, w_in[e], None if b_in is None else b_in[e])
-        y_ND = F.linear(activate(h_NR, pool.gated, pool.activation), w_out[e], None if b_out is None else b_out[e])
-        if one:
-            y_TD[rows[0]:rows[0] + 1].add_(y_ND, alpha=gates[0])
+        x_ND = rows_of_one[0][rows[0]] if one else x_TD[rows]
+        a_NI = activate(F.linear(x_ND, w_in[e], None if b_in is None else b_in[e]), pool.gated, pool.activation)
+        if one:  # the down projection, its gate and the sum in one op
+            y_1D = rows_of_one[1][rows[0]].addmm_(a_NI, w_out[e].t(), alpha=gates[0])
+            if b_out is not None:
+                y_1D.add_(b_out[e], alpha=gates[0])
         else:
+            y_ND = F.linear(a_NI, w_out[e], None if b_out is None else b_out[e])
             y_TD.index_add_(0, torch.tensor(rows, device=x_TD.device), y_ND * y_ND.new_tensor(gates)[:, None])
     return y_TD
 
@@ -321,15 +324,6 @@ sorted_experts = define_experts_op("sorted_experts", sorted_forward, sorted_back
 _sorted_op_dispatch = pool_dispatch(sorted_experts)
 
 
-def one_expert_forward(x_TD: Tensor, weights_TK: Tensor, pool) -> Tensor:
-    """A one-expert pool that every token goes through (a shared expert, a dense route), no
-    autograd: the expert on all rows in place, with nothing to sort, gather or scatter."""
-    w_in, b_in, w_out, b_out = pool.stacked()
-    h_TR = F.linear(x_TD, w_in[0], None if b_in is None else b_in[0])
-    y_TD = F.linear(activate(h_TR, pool.gated, pool.activation), w_out[0], None if b_out is None else b_out[0])
-    return y_TD.mul_(weights_TK.to(y_TD.dtype))
-
-
 # Without autograd, up to FEW_TOKENS tokens take few_tokens_forward; then grouped_forward, unless
 # the experts the call touches are so big that streaming their weights on every core (the sorted
 # op's workers) wins; whenever gradients are needed, the sorted op.
@@ -356,8 +350,6 @@ def sorted_dispatch(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
         # The light paths read the ids on the host, and compute in the input's dtype as the op
         # does, whatever autocast says (a custom op is not autocast-aware).
         with torch.autocast(x_TD.device.type, enabled=False):
-            if pool.num_experts == 1 and ids_TK.shape[1] == 1 and bool((ids_TK == 0).all()):
-                return one_expert_forward(x_TD, weights_TK, pool)
             if x_TD.shape[0] <= FEW_TOKENS:
                 return few_tokens_forward(x_TD, weights_TK, ids_TK, pool)
             if grouped_fits(x_TD, pool) and _grouped_pays(ids_TK, pool):

@@ -62,8 +62,9 @@ def _check_ids(rules: InputRules, input_ids: Tensor) -> tuple[int, int]:
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one sequence "
                          "of at least one token")
-    outside_BS = (input_ids < 0) | (input_ids >= rules.vocab_size)
-    if outside_BS.any():
+    low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass (this runs on every decode step)
+    if low < 0 or high >= rules.vocab_size:
+        outside_BS = (input_ids < 0) | (input_ids >= rules.vocab_size)
         b, s = (int(i) for i in outside_BS.nonzero()[0])
         raise ValueError(f"input_ids[{b}, {s}] is {int(input_ids[b, s])}, outside the vocabulary "
                          f"(ids 0 to {rules.vocab_size - 1})")

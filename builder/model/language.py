@@ -145,10 +145,10 @@ class DecoderLayer(GradientCheckpointingLayer):
     def _ffn(self, h_BSD: torch.Tensor, modality_BS: torch.Tensor | None, token_mask_BS: torch.Tensor | None,
              output_router_stats: bool, output_aux_losses: bool) -> tuple[torch.Tensor, Any]:
         if not self.is_moe:
-            return F.dropout(self.mlp(h_BSD), self.mlp_dropout, self.training), None
+            return _dropout(self.mlp(h_BSD), self.mlp_dropout, self.training), None
         out = self.mlp(h_BSD, modality_BS=modality_BS, attention_mask_BS=token_mask_BS,
                        output_router_stats=output_router_stats, output_aux_losses=output_aux_losses)
-        return F.dropout(out.hidden_states, self.mlp_dropout, self.training), out
+        return _dropout(out.hidden_states, self.mlp_dropout, self.training), out
 
     def forward(self, x_BSD: torch.Tensor, *, position_embeddings: Any, attention_mask: Any,
                 position_ids: torch.Tensor, cache: DynamicCache | None, use_cache: bool,
@@ -159,7 +159,7 @@ class DecoderLayer(GradientCheckpointingLayer):
             hidden_states=normed_BSD, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=use_cache, position_embeddings=position_embeddings, **cache_kwargs(cache),
         )
-        attn_BSD = F.dropout(attn_BSD, self.attn_dropout, self.training)
+        attn_BSD = _dropout(attn_BSD, self.attn_dropout, self.training)
         if self.parallel:
             ffn_BSD, moe_out = self._ffn(normed_BSD, modality_BS, token_mask_BS, output_router_stats,
                                          output_aux_losses)
@@ -191,6 +191,11 @@ class DecoderStack(nn.Module):
     @property
     def final_norm(self) -> nn.Module:
         return getattr(self, self.final_norm_name)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # F.dropout is an op call even when it does nothing: nine of them per decode step of a 4-layer model
+    return F.dropout(x, p, True) if training and p > 0 else x
 
 
 def _current_token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -273,7 +278,7 @@ class LanguageModel(nn.Module):
             config=self.config, inputs_embeds=inputs_embeds_BSD, attention_mask=attention_mask_BS,
             position_ids=position_ids, **cache_kwargs(cache),
         )
-        h_BSD = F.dropout(inputs_embeds_BSD, stack.embed_dropout, self.training)
+        h_BSD = _dropout(inputs_embeds_BSD, stack.embed_dropout, self.training)
         position_embeddings = stack.rotary_emb(h_BSD, position_ids)
         token_mask_BS = _current_token_mask(attention_mask_BS, seq_len)
         aux_losses: dict[str, torch.Tensor] = {}

@@ -79,8 +79,8 @@ class LayerCall:
         """The batch of a route over the tokens `index_R` of this call (None: all of them, as they are)."""
         modality_T, valid_T = self.modality_BS.reshape(-1), self.valid_BS.reshape(-1)
         if index_R is None:
-            return RouteBatch(self.x_TD, modality_T, valid_T, self.seq_T, None, self)
-        return RouteBatch(self.x_TD[index_R], modality_T[index_R], valid_T[index_R], self.seq_T[index_R], index_R, self)
+            return RouteBatch(self.x_TD, modality_T, valid_T, None, self)
+        return RouteBatch(self.x_TD[index_R], modality_T[index_R], valid_T[index_R], index_R, self)
 
     @cached_property
     def _image_runs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -131,7 +131,6 @@ class RouteBatch:
     x_RD: Tensor  # hidden states
     modality_R: Tensor  # TEXT / IMAGE
     valid_R: Tensor  # bool: not padding
-    seq_R: Tensor  # int64: the sequence (batch row) of each token
     index_R: Tensor | None  # the route's tokens among the call's B*S; None = all of them, in order
     call: LayerCall
     num_seqs: int = 0  # sequences the tokens come from; 0 = the call's
@@ -151,6 +150,11 @@ class RouteBatch:
         if seq_T is not None:
             batch.seq_R, batch.num_seqs = seq_T, int(seq_T.max()) + 1 if seq_T.numel() else 1
         return batch
+
+    @cached_property
+    def seq_R(self) -> Tensor:
+        """int64: the sequence (batch row) of each token; made on first read (few routers and terms need it)."""
+        return self.rows(self.call.seq_T)
 
     @property
     def reduce(self) -> Callable[[Tensor], Tensor]:

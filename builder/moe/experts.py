@@ -104,8 +104,17 @@ class ExpertPool(nn.Module):
             h_NI = self.act_fn(h_NI)
         return F.linear(h_NI, expert.w_out, expert.b_out)
 
-    def forward(self, x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
-        """Sum over each token's K slots of gate weight * expert output; id -1 = dropped slot."""
+    def forward(self, x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, dense: bool = False) -> Tensor:
+        """Sum over each token's K slots of gate weight * expert output; id -1 = dropped slot.
+
+        `dense`: the caller vouches that every token takes every expert, in order, none dropped (a
+        dense route: `ids_TK` is arange(E) on every row). A one-expert pool then runs, when no
+        gradient is wanted, as one MLP over the rows as they are: nothing to sort, gather or scatter,
+        and no reading of the ids to find that out."""
+        if dense and self.num_local_experts == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_TD.device.type):
+            w_in, b_in, w_out, b_out = self.stacked()
+            expert = ExpertWeights(w_in[0], None if b_in is None else b_in[0], w_out[0], None if b_out is None else b_out[0])
+            return self.mlp(x_TD, expert).mul_(weights_TK.to(x_TD.dtype))
         dispatch = get_dispatch(self.backend, x_TD.device)
         if self.parallel is not None:
             return expert_parallel_dispatch(x_TD, weights_TK, ids_TK, self, dispatch)

@@ -102,7 +102,7 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         call = LayerCall.of(x_BSD, modality_BS, None if attention_mask_BS is None else attention_mask_BS.bool(),
                             self._reduce)
-        y_TD = torch.zeros_like(call.x_TD)
+        y_TD = None  # the first route over all tokens gives it; a route over some tokens needs zeros under it
         terms = self.balancing if output_aux_losses else []
         aux = {term.name: torch.zeros((), device=x_BSD.device) for term in terms}
         stats = {}
@@ -112,8 +112,11 @@ class MoELayer(nn.Module):
             batch = call.route(index_R)
             routing = route.router(batch)
             pool = self.pools[route.pool]
-            y_RD = routing.apply(pool, batch.x_RD).to(y_TD.dtype)
-            y_TD = y_TD + y_RD if index_R is None else y_TD.index_add(0, index_R, y_RD)
+            y_RD = routing.apply(pool, batch.x_RD).to(x_BSD.dtype)
+            if index_R is None:
+                y_TD = y_RD if y_TD is None else y_TD + y_RD
+            else:
+                y_TD = (torch.zeros_like(call.x_TD) if y_TD is None else y_TD).index_add(0, index_R, y_RD)
             if route.router.balanced:
                 for term in terms:
                     mask_R = batch.valid_R & SELECTORS[term.tokens](batch.modality_R)
@@ -122,6 +125,8 @@ class MoELayer(nn.Module):
             if output_router_stats:
                 stats[route.name] = route_stats(routing, pool.num_experts, batch.valid_R, batch.modality_R, route.tokens,
                                                self._reduce)
+        if y_TD is None:  # no routes
+            y_TD = torch.zeros_like(call.x_TD)
         return MoELayerOutput(y_TD.view(B, S, D), aux, stats)
 
     def _count_load(self, router: Router, routing: Routing, batch: RouteBatch) -> None:

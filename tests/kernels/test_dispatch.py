@@ -170,7 +170,7 @@ def _no_grad_matches_loop(pool, x_TD, weights_TK, ids_TK):
 
 def _record_paths(monkeypatch) -> list[str]:
     taken = []
-    for name in ("one_expert_forward", "few_tokens_forward", "grouped_forward", "_sorted_op_dispatch"):
+    for name in ("few_tokens_forward", "grouped_forward", "_sorted_op_dispatch"):
         def recorded(*args, _name=name, _fn=getattr(torch_sorted, name)):
             taken.append(_name)
             return _fn(*args)
@@ -192,19 +192,24 @@ def test_torch_backend_decode_steps_match_per_token_loop(pool_kwargs, ids, monke
     assert taken == ["few_tokens_forward"]
 
 
-@pytest.mark.parametrize("T, drop, path", [(1, False, "one_expert_forward"), (40, False, "one_expert_forward"),
-                                           (40, True, "_sorted_op_dispatch")])
-def test_torch_backend_one_expert_pool_without_autograd(T, drop, path, monkeypatch):
-    """A shared expert (every token's one slot on expert 0) runs on the rows in place; a dropped
-    slot sends it back to the general path."""
+@pytest.mark.parametrize("T, dense, drop, path", [(1, True, False, None), (40, True, False, None),
+                                                  (40, False, False, "grouped_forward"),
+                                                  (40, False, True, "grouped_forward"), (1, False, False, "few_tokens_forward")])
+def test_dense_one_expert_pool_without_autograd_runs_on_the_rows(T, dense, drop, path, monkeypatch):
+    """A shared expert (a dense route: every token's one slot on expert 0, as the route vouches) runs
+    as one MLP on the rows, no dispatch path taken; without the route's word the ids are dispatched."""
     taken = _record_paths(monkeypatch)
     g = torch.Generator().manual_seed(5)
-    pool = _random_pool(1, 10, g, bias=True)
+    pool = _random_pool(1, 8, g, bias=True)
+    x_TD, weights_TK = torch.randn(T, 12, generator=g), torch.rand(T, 1, generator=g)
     ids_TK = torch.zeros(T, 1, dtype=torch.long)
     if drop:
         ids_TK[T // 2] = -1
-    _no_grad_matches_loop(pool, torch.randn(T, 12, generator=g), torch.rand(T, 1, generator=g), ids_TK)
-    assert taken == [path]
+    want = per_token_loop(x_TD, weights_TK, ids_TK, pool).detach()
+    with torch.no_grad():
+        got = pool(x_TD, weights_TK, ids_TK, dense=dense)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert taken == ([] if path is None else [path])
 
 
 @pytest.mark.parametrize("pool_kwargs", [{}, {"bias": True}, {"gated": False, "bias": True, "activation": "gelu_new"}])

@@ -43,11 +43,12 @@ class Routing:
     probs_TE: Tensor | None = None  # scores after softmax / sigmoid, fp32
     capacity: int | None = None  # slots per expert; None = dropless
     tail_T: Tensor | None = None  # bool: tokens routed as long-tail (LTDR dynamic_topk)
+    dense: bool = False  # every token takes every expert, in order, none dropped (see ExpertPool.forward)
 
     def apply(self, pool, x_TD: Tensor) -> Tensor:
         """The tokens' outputs: the pool called on `expert_rows`, then `combine`d (every router's expert
         call goes through here; a router changes only which rows the pool sees)."""
-        return self.combine(pool(*self.expert_rows(x_TD)))
+        return self.combine(pool(*self.expert_rows(x_TD), dense=self.dense))
 
     def expert_rows(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(rows, weights_NK, ids_NK) the pool is called on: the tokens themselves, unless the router

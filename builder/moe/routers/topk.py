@@ -182,17 +182,22 @@ class TopKRouter(LinearRouter):
             selection_TE = selection_TE.masked_fill(drop_TE, float("-inf"))
         return selection_TE
 
-    def gate_weights(self, logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor) -> Tensor:
-        empty_TK = ids_TK < 0
-        safe_TK = ids_TK.clamp_min(0)
+    def gate_weights(self, logits_TE: Tensor, probs_TE: Tensor, ids_TK: Tensor, empty_TK: Tensor | None,
+                     selected_TK: Tensor | None) -> Tensor:
+        """The K gate weights. `empty_TK`: slots left without an expert (None: there are none);
+        `selected_TK`: the top-k values when the selection was the scores themselves, which are then
+        the weights of "softmax_topk" as they are (no gather)."""
+        safe_TK = ids_TK if empty_TK is None else ids_TK.clamp_min(0)
         if self.order == "topk_softmax":
-            weights_TK = logits_TE.gather(1, safe_TK).masked_fill(empty_TK, float("-inf")).softmax(dim=-1)
+            logits_TK = logits_TE.gather(1, safe_TK)
+            weights_TK = (logits_TK if empty_TK is None else logits_TK.masked_fill(empty_TK, float("-inf"))).softmax(-1)
         else:
-            weights_TK = probs_TE.gather(1, safe_TK)
-        weights_TK = weights_TK.masked_fill(empty_TK, 0.0)
+            weights_TK = selected_TK if selected_TK is not None else probs_TE.gather(1, safe_TK)
+        if empty_TK is not None:
+            weights_TK = weights_TK.masked_fill(empty_TK, 0.0)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return weights_TK * self.scale
+        return weights_TK * self.scale if self.scale != 1.0 else weights_TK
 
     def forward(self, batch: RouteBatch) -> Routing:
         x_TD = batch.x_RD
@@ -202,9 +207,14 @@ class TopKRouter(LinearRouter):
         logits_TE = self.logits(x_TD)
         probs_TE = SCORES[self.score](logits_TE)
         k = self.current_k()
-        values_TK, topk_ids_TK = self.selection_scores(logits_TE, probs_TE).topk(k, dim=-1)
-        topk_ids_TK = topk_ids_TK.masked_fill(values_TK == float("-inf"), -1)  # dropout/groups left < k
-        weights_TK = self.gate_weights(logits_TE, probs_TE, topk_ids_TK)
+        selection_TE = self.selection_scores(logits_TE, probs_TE)
+        values_TK, topk_ids_TK = selection_TE.topk(k, dim=-1)
+        empty_TK = None
+        if self.training and self.expert_dropout > 0:  # may leave fewer than k selectable (groups never do)
+            empty_TK = values_TK == float("-inf")
+            topk_ids_TK = topk_ids_TK.masked_fill(empty_TK, -1)
+        weights_TK = self.gate_weights(logits_TE, probs_TE, topk_ids_TK, empty_TK,
+                                       values_TK if selection_TE is probs_TE else None)
         ids_TK, capacity = topk_ids_TK, None
         if self.capacity is not None:
             ids_TK, weights_TK, capacity = self.capacity.apply(topk_ids_TK, weights_TK, self.num_experts, k,
@@ -270,7 +280,7 @@ class DenseRouter(Router):
             weights_TK = torch.sigmoid(router_logits(x_TD, self.weight, torch.float32)).expand(T, E)
         else:
             weights_TK = torch.ones(T, E, device=x_TD.device)
-        return Routing(weights_TK, ids_TK, ids_TK)
+        return Routing(weights_TK, ids_TK, ids_TK, dense=True)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, gate={self.gate!r}"
