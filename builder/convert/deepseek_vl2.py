@@ -426,7 +426,7 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
     source = TensorSource(state, "the DeepSeek-VL2 checkpoint")
     moe_layers = set(spec.moe_layers())
     out: dict[str, torch.Tensor | None] = {}
-    for key in expected_shapes(spec):
+    for key in (expected := expected_shapes(spec)):
         if not _special(key, moe_layers):
             out[key] = source.take(_original_name(key, spec))
     if spec.language.tie_word_embeddings and "language.lm_head.weight" not in state:
@@ -446,7 +446,7 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
             out[f"vision.vision_model.head.attention.in_proj_{kind}"] = fused  # q rows, then k, then v
     for layer in sorted(moe_layers):
         _read_moe(source, spec, layer, out)
-    return check_complete(out, spec, source)
+    return check_complete(out, spec, source, expected)
 
 
 def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -470,9 +470,7 @@ def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict
             out[f"vision.attn_pool.q.{kind}"], out[f"vision.attn_pool.kv.{kind}"] = fused[:width], fused[width:]
     for layer in sorted(moe_layers):
         _write_moe(source, spec, layer, out)
-    if source.missing or source.left_over():
-        raise CheckpointError(f"the moebuild model does not fit spec {spec.name}; missing: {source.missing}; "
-                              f"left over: {source.left_over()}")
+    source.check_total(spec.name)
     return config, {key: value.contiguous() for key, value in out.items()}
 
 

@@ -508,7 +508,5 @@ def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict
                     prefix + "down_proj.weight": torch.cat(list(down), dim=1)}
             if layout.shared_gate_key:
                 out[f"{disk}{layout.shared_gate_key}.weight"] = source.take(f"{ours}routes.{routes.shared}.router.weight")
-    if source.missing or source.left_over():
-        raise CheckpointError(f"the moebuild model does not fit spec {spec.name}; missing: {source.missing}; "
-                              f"left over: {source.left_over()}")
+    source.check_total(spec.name)
     return config, out

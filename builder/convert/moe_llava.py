@@ -385,7 +385,7 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
     source = TensorSource(state, "the MoE-LLaVA checkpoint")
     moe_layers = set(spec.moe_layers())
     out: dict[str, torch.Tensor | None] = {}
-    for key in expected_shapes(spec):
+    for key in (expected := expected_shapes(spec)):
         if not _is_moe(key, moe_layers):
             out[key] = source.take(_original_name(key, spec))
     if spec.language.tie_word_embeddings and "lm_head.weight" not in state:
@@ -401,7 +401,7 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
             per_expert = [[source.take(f"{theirs}experts.deepspeed_experts.{e}.{o}") for o in originals]
                           for e in range(pool.num_experts)]
             out[f"{ours}pools.{POOL}.{name}"] = _stack([None if None in p else torch.cat(p) for p in per_expert])
-    return check_complete(out, spec, source)
+    return check_complete(out, spec, source, expected)
 
 
 def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -421,9 +421,7 @@ def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict
             for e, stacked in enumerate(source.take(f"{ours}pools.{POOL}.{name}")):
                 for original, part in zip(originals, stacked.chunk(len(originals))):
                     out[f"{theirs}experts.deepspeed_experts.{e}.{original}"] = part
-    if source.missing or source.left_over():
-        raise CheckpointError(f"the moebuild model does not fit spec {spec.name}; missing: {source.missing}; "
-                              f"left over: {source.left_over()}")
+    source.check_total(spec.name)
     if spec.language.type == "qwen2":
         out = _to_qwen(out)
     return config, {key: value.contiguous() for key, value in out.items()}

@@ -36,6 +36,13 @@ class TensorSource:
     def left_over(self) -> list[str]:
         return sorted(self.state.keys() - self.taken)
 
+    def check_total(self, spec_name: str) -> None:
+        """Raise CheckpointError unless every tensor asked for was there and every one was asked for
+        (an export: the source is moebuild's own state dict)."""
+        if self.missing or self.left_over():
+            raise CheckpointError(f"the moebuild model does not fit spec {spec_name}; missing: {self.missing}; "
+                                  f"left over: {self.left_over()}")
+
 
 def expected_shapes(spec) -> dict[str, torch.Size]:
     """The state dict of the model `spec` builds, as names and shapes (built on meta: no memory)."""
@@ -44,11 +51,13 @@ def expected_shapes(spec) -> dict[str, torch.Size]:
     return {key: value.shape for key, value in build(spec, device="meta").state_dict().items()}
 
 
-def check_complete(converted: dict[str, torch.Tensor | None], spec, source: TensorSource) -> dict[str, torch.Tensor]:
+def check_complete(converted: dict[str, torch.Tensor | None], spec, source: TensorSource,
+                   expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
     """`converted` with its None entries (made from missing tensors) gone, or one CheckpointError
     naming every tensor the source lacks, every one it has left over, every converted tensor whose
-    shape the spec's model does not have, and every name the model has that nothing produced."""
-    expected = expected_shapes(spec)
+    shape the spec's model does not have, and every name the model has that nothing produced.
+    `expected`: `expected_shapes(spec)`, where the caller has it already (each builds a meta model)."""
+    expected = expected_shapes(spec) if expected is None else expected
     made = {key: value for key, value in converted.items() if value is not None}
     misshaped = [f"{key} {tuple(value.shape)} (the spec's model has {tuple(expected[key])})"
                  for key, value in sorted(made.items()) if key in expected and value.shape != expected[key]]
