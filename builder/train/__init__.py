@@ -29,10 +29,11 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     from moebuild.registry import build_processor
 
     run_dir = Path(run_dir)
-    if resume and not checkpoints(run_dir):
+    found = checkpoints(run_dir)
+    if resume and not found:
         raise TrainError(f"{run_dir}: no checkpoint to resume from (run without --resume to start)")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        verb = "--resume continues it" if checkpoints(run_dir) else "choose an empty or new directory"
+        verb = "--resume continues it" if found else "choose an empty or new directory"
         raise TrainError(f"{run_dir} exists and is not empty ({verb})")
     model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
     spec = model.spec
@@ -49,7 +50,7 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(model, examples, Path(data), run_dir, settings, tokenizer.pad_token_id)
     if resume:
-        run.resume()  # restores the RNG the run's router noise draws from
+        run.resume(found[-1])  # restores the RNG the run's router noise draws from
     else:
         torch.manual_seed(settings.seed)  # a fresh run's noise is a function of its seed, as on resume
     run.train(progress)

@@ -15,6 +15,7 @@ load per route and modality.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -49,13 +50,12 @@ class Settings:
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """The examples of step `step` (0-based): consecutive slots of per-epoch seeded permutations."""
-    out, cache = [], {}
-    for slot in range(step * batch_size, (step + 1) * batch_size):
-        epoch = slot // n
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out.append(cache[epoch][slot % n])
-    return out
+    return [_epoch_order(n, seed, slot // n)[slot % n] for slot in range(step * batch_size, (step + 1) * batch_size)]
+
+
+@functools.lru_cache(maxsize=2)  # a batch spans one epoch or two (batch <= dataset): each drawn once
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -118,11 +118,8 @@ class Run:
             raise TrainError(f"stage {settings.stage!r} trains no parameter")
         self.step = 0
 
-    def resume(self) -> None:
-        found = checkpoints(self.run_dir)
-        if not found:
-            raise TrainError(f"{self.run_dir}: no checkpoint to resume from")
-        last = found[-1]
+    def resume(self, last: Path) -> None:
+        """Continue from checkpoint `last` (the run's latest, `checkpoints(run_dir)[-1]`)."""
         state = json.loads((last / STATE / "state.json").read_text())
         ours = asdict(self.settings)
         changed = [k for k in ("stage", "batch_size", "lr", "weight_decay", "max_grad_norm", "seed", "max_length")
