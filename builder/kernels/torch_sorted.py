@@ -166,12 +166,16 @@ def _linear_into(out: Tensor, x: Tensor, w_t: Tensor, b: Tensor | None) -> None:
         torch.addmm(b, x, w_t, out=out)
 
 
-def _kept_slots(order_A: Tensor, counts_E: Tensor, weights_TK: Tensor, dtype: torch.dtype):
-    """(spans, slot_A, tok_A, gate_A1) of the kept slots in expert order: each expert's span of
-    rows, the slots, their tokens, and their gate weights as a column in `dtype`."""
+def _kept_slots(order_A: Tensor, kept: int, weights_TK: Tensor, dtype: torch.dtype):
+    """(slot_A, tok_A, gate_A1) of the `kept` slots in expert order: the slots, their tokens, and their
+    gate weights as a column in `dtype`."""
+    slot_A = order_A[:kept]
+    return slot_A, slot_A // weights_TK.shape[1], weights_TK.reshape(-1)[slot_A, None].to(dtype)
+
+
+def _spans_and_kept(counts_E: Tensor) -> tuple[list[tuple[int, int, int]], int]:
     spans = expert_spans(counts_E)
-    slot_A = order_A[: spans[-1][2] if spans else 0]
-    return spans, slot_A, slot_A // weights_TK.shape[1], weights_TK.reshape(-1)[slot_A, None].to(dtype)
+    return spans, spans[-1][2] if spans else 0
 
 
 def sorted_forward(
@@ -181,8 +185,8 @@ def sorted_forward(
     T, K = ids_TK.shape
     D, R = x_TD.shape[1], w_in_ERD.shape[1]
     order_A, counts_E = sort_by_expert(ids_TK, w_in_ERD.shape[0])
-    spans, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
-    kept = len(slot_A)
+    spans, kept = _spans_and_kept(counts_E)
+    slot_A, tok_A, gate_A1 = _kept_slots(order_A, kept, weights_TK, x_TD.dtype)
     h_AR = empty_huge((T * K, R), x_TD)
     h_AR[kept:] = 0  # dropped slots' rows: never read, zeroed to keep the op deterministic
     weighted_AD = empty_huge((kept, D), x_TD)
@@ -207,8 +211,8 @@ def sorted_backward(
     _y_AD: Tensor, gated: bool, activation: str,  # the 0-row y_AD of sorted_forward: nothing kept
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     D = x_TD.shape[1]
-    spans, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
-    kept = len(slot_A)
+    spans, kept = _spans_and_kept(counts_E)
+    slot_A, tok_A, gate_A1 = _kept_slots(order_A, kept, weights_TK, x_TD.dtype)
     dx_AD = empty_huge((kept, D), x_TD)
     dgate_A = x_TD.new_empty(kept)
     empty = [e for e, count in enumerate(counts_E.tolist()) if not count]
@@ -302,10 +306,11 @@ def grouped_forward(x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, pool) -> T
     """
     w_in, b_in, w_out, b_out = pool.stacked()
     order_A, counts_E = sort_by_expert(ids_TK, w_in.shape[0])
-    _, slot_A, tok_A, gate_A1 = _kept_slots(order_A, counts_E, weights_TK, x_TD.dtype)
-    if len(slot_A) == 0:  # every slot dropped (or a pool without experts)
+    offs_E = counts_E.cumsum(0, dtype=torch.int32)
+    kept = int(offs_E[-1]) if len(offs_E) else 0  # no expert spans needed: one read, no per-expert loop
+    if kept == 0:  # every slot dropped (or a pool without experts)
         return torch.zeros_like(x_TD)
-    offs_E = counts_E.cumsum(0).to(torch.int32)
+    slot_A, tok_A, gate_A1 = _kept_slots(order_A, kept, weights_TK, x_TD.dtype)
     h_AR = F.grouped_mm(x_TD[tok_A], w_in.transpose(1, 2), offs=offs_E)
     if b_in is not None:
         h_AR += b_in.repeat_interleave(counts_E, dim=0)
