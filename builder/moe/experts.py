@@ -22,7 +22,6 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 from moebuild.kernels.reference import ExpertWeights
-from moebuild.kernels.torch_sorted import activate
 from moebuild.moe.dispatch import check_backend, get_dispatch
 from moebuild.parallel.expert import ExpertParallel, expert_parallel_dispatch
 
@@ -114,8 +113,8 @@ class ExpertPool(nn.Module):
         and no reading of the ids to find that out."""
         if dense and self.num_local_experts == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_TD.device.type):
             w_in, b_in, w_out, b_out = self.stacked()
-            a_TI = activate(F.linear(x_TD, w_in[0], None if b_in is None else b_in[0]), self.gated, self.activation)
-            return F.linear(a_TI, w_out[0], None if b_out is None else b_out[0]).mul_(weights_TK.to(x_TD.dtype))
+            expert = ExpertWeights(w_in[0], None if b_in is None else b_in[0], w_out[0], None if b_out is None else b_out[0])
+            return self.mlp(x_TD, expert).mul_(weights_TK.to(x_TD.dtype))
         dispatch = get_dispatch(self.backend, x_TD.device)
         if self.parallel is not None:
             return expert_parallel_dispatch(x_TD, weights_TK, ids_TK, self, dispatch)
