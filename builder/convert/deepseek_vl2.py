@@ -44,7 +44,7 @@ from moebuild.model.processing import candidate_grids
 from moebuild.schemas import ModelSpec
 
 from .hf import rope_scaling_section, rope_scaling_v4
-from .tensors import TensorSource, check_complete, expected_shapes
+from .tensors import TensorSource, check_complete, expected_shapes, in_moe_layer, take_renamed
 
 SHARED, ROUTED = "shared", "routed"  # pool names, as the zoo's deepseek-vl2 presets
 # The original classes' defaults (modeling_deepseek_vl_v2.py, configuration_deepseek.py).
@@ -371,10 +371,7 @@ _IN_PROJ = re.compile(_V + r"head\.attention\.in_proj_(weight|bias)$")
 
 def _special(key: str, moe_layers: set[int]) -> bool:
     """Tensors that are not a rename: reshaped, split or fused, or inside an MoE layer."""
-    if key == _POS or _QKV.match(key) or _IN_PROJ.match(key):
-        return True
-    parts = key.split(".")
-    return key.startswith("language.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp"
+    return key == _POS or bool(_QKV.match(key) or _IN_PROJ.match(key)) or in_moe_layer(key, moe_layers)
 
 
 def _original_name(key: str, spec: ModelSpec) -> str:
@@ -425,13 +422,8 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
         _route_indices(spec)
     source = TensorSource(state, "the DeepSeek-VL2 checkpoint")
     moe_layers = set(spec.moe_layers())
-    out: dict[str, torch.Tensor | None] = {}
-    for key in (expected := expected_shapes(spec)):
-        if not _special(key, moe_layers):
-            out[key] = source.take(_original_name(key, spec))
-    if spec.language.tie_word_embeddings and "language.lm_head.weight" not in state:
-        source.missing.remove("language.lm_head.weight")  # tied: save_pretrained writes the embedding alone
-        out["language.lm_head.weight"] = out["language.model.embed_tokens.weight"]
+    expected = expected_shapes(spec)
+    out = take_renamed(source, spec, expected, lambda key: _original_name(key, spec), lambda key: _special(key, moe_layers))
     pos = source.take("vision.pos_embed")
     out[_POS] = None if pos is None else pos.reshape(-1, pos.shape[-1])  # [1, N, D] -> [N, D]
     ours = "vision.vision_model.encoder.layers.{}.self_attn.{}_proj.{}"

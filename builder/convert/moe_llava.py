@@ -39,7 +39,7 @@ from moebuild.model.pretrained import CheckpointError
 from moebuild.schemas import ModelSpec
 
 from .hf import rope_scaling_section, rope_scaling_v4
-from .tensors import TensorSource, check_complete, expected_shapes
+from .tensors import TensorSource, check_complete, expected_shapes, in_moe_layer, take_renamed
 
 POOL = "experts"
 # Files a MoE-LLaVA checkpoint directory may hold beside config.json: the CLIP tower's config,
@@ -301,11 +301,6 @@ def _original_name(key: str, spec: ModelSpec) -> str:
     raise CheckpointError(f"moebuild tensor {key} has no MoE-LLaVA name")
 
 
-def _is_moe(key: str, moe_layers: set[int]) -> bool:
-    parts = key.split(".")
-    return key.startswith("language.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp"
-
-
 def _expert_names(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
     """moebuild pool tensor -> the original per-expert tensors it stacks (concatenated along dim 0)."""
     if spec.language.type == "phi":
@@ -384,13 +379,8 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
         raise _refuse(f"{spec.name} does not map onto MoE-LLaVA's model: " + "; ".join(problems))
     source = TensorSource(state, "the MoE-LLaVA checkpoint")
     moe_layers = set(spec.moe_layers())
-    out: dict[str, torch.Tensor | None] = {}
-    for key in (expected := expected_shapes(spec)):
-        if not _is_moe(key, moe_layers):
-            out[key] = source.take(_original_name(key, spec))
-    if spec.language.tie_word_embeddings and "lm_head.weight" not in state:
-        source.missing.remove("lm_head.weight")
-        out["language.lm_head.weight"] = out["language.model.embed_tokens.weight"]
+    expected = expected_shapes(spec)
+    out = take_renamed(source, spec, expected, lambda key: _original_name(key, spec), lambda key: in_moe_layer(key, moe_layers))
     for layer in sorted(moe_layers):
         theirs, ours = f"model.layers.{layer}.mlp.deepspeed_moe.", f"language.model.layers.{layer}.mlp."
         gate = source.take(theirs + "gate.wg.weight")
@@ -409,7 +399,7 @@ def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict
     config = config_from_spec(spec)
     source = TensorSource(state, "the moebuild model")
     moe_layers = set(spec.moe_layers())
-    out = {_original_name(key, spec): source.take(key) for key in state if not _is_moe(key, moe_layers)}
+    out = {_original_name(key, spec): source.take(key) for key in state if not in_moe_layer(key, moe_layers)}
     for layer in sorted(moe_layers):
         theirs, ours = f"model.layers.{layer}.mlp.deepspeed_moe.", f"language.model.layers.{layer}.mlp."
         gates = [source.take(f"{ours}routes.{i}.router.weight") for i in range(len(spec.moe.routes))]

@@ -3,7 +3,7 @@ and checking the result against the model the spec builds, with every problem in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -49,6 +49,27 @@ def expected_shapes(spec) -> dict[str, torch.Size]:
     from moebuild.model.vlm import build
 
     return {key: value.shape for key, value in build(spec, device="meta").state_dict().items()}
+
+
+HEAD, EMBEDDING = "language.lm_head.weight", "language.model.embed_tokens.weight"
+
+
+def in_moe_layer(key: str, moe_layers: set[int]) -> bool:
+    """Whether moebuild tensor `key` is inside the FFN of one of `moe_layers` (converted per layer, not renamed)."""
+    parts = key.split(".")
+    return key.startswith("language.model.layers.") and int(parts[3]) in moe_layers and parts[4] == "mlp"
+
+
+def take_renamed(source: TensorSource, spec, expected: dict[str, torch.Size], original_name: Callable[[str], str],
+                 skip: Callable[[str], bool]) -> dict[str, torch.Tensor | None]:
+    """Every tensor of the spec's model (`expected`) that `skip` leaves, taken under its original name;
+    a tied head the checkpoint lacks is the embedding (save_pretrained writes the embedding alone)."""
+    out = {key: source.take(original_name(key)) for key in expected if not skip(key)}
+    head = original_name(HEAD)
+    if spec.language.tie_word_embeddings and head not in source:
+        source.missing.remove(head)
+        out[HEAD] = out[EMBEDDING]
+    return out
 
 
 def check_complete(converted: dict[str, torch.Tensor | None], spec, source: TensorSource,
