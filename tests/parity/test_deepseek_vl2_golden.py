@@ -119,12 +119,16 @@ def test_every_problem_is_named_in_one_error():
 ])
 def test_configs_moebuild_cannot_mirror_are_refused(field, value, says):
     config = json.loads((GOLDEN / "small" / "config.json").read_text())
-    section = config
-    for key in field[:-1]:
-        section = section[key]
-    section[field[-1]] = value
+    set_field(config, field, value)
     with pytest.raises(CheckpointError, match=says):
         deepseek_vl2.spec_from_config(config, name="x")
+
+
+def set_field(config: dict, field: tuple[str, ...], value) -> None:
+    """config[field[0]][field[1]]... = value."""
+    for key in field[:-1]:
+        config = config[key]
+    config[field[-1]] = value
 
 
 def test_left_out_fields_take_the_original_defaults():

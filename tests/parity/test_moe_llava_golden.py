@@ -22,6 +22,8 @@ from moebuild.model.pretrained import CheckpointError
 from moebuild.moe.routers.deepspeed import DeepSpeedTop2Router
 from moebuild.schemas import ModelSpec
 
+from .test_deepseek_vl2_golden import set_field
+
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "moe_llava"
 BACKBONES = ("stablelm", "phi")
 IMAGE_TOKEN_INDEX = -200  # MoE-LLaVA's placeholder in input_ids (moellava/constants.py)
@@ -186,10 +188,7 @@ def test_configs_moebuild_cannot_mirror_are_refused(field, value, says):
     config["image_tower_config"] = json.loads((GOLDEN / "stablelm" / "image_tower_config.json").read_text())
     unmodified = ModelSpec.model_validate(moe_llava.spec_from_config(config, name="x"))
     assert unmodified.vision.image_size == 32  # the unmodified config converts
-    section = config
-    for key in field[:-1]:
-        section = section[key]
-    section[field[-1]] = value
+    set_field(config, field, value)
     with pytest.raises(CheckpointError, match=says):
         moe_llava.spec_from_config(config, name="x")
 
