@@ -84,7 +84,18 @@ def spec_from_config(config: dict, *, name: str) -> dict:
     _refuse_unsayable(config, model_type)
     moe = _moe_section(config, model_type)
     return {"moebuild_version": 1, "name": name, "description": f"imported from a transformers {model_type} config",
-            "language": _language_section(config, model_type), **({"moe": moe} if moe else {})}
+            "language": _language_section(config, model_type), **({"moe": moe} if moe else {}),
+            **({"tokens": tokens} if (tokens := _tokens_section(config)) else {})}
+
+
+def _tokens_section(config: dict) -> dict:
+    """The special ids a config names (a list of eos ids keeps its first: the spec has one)."""
+    tokens = {key: config[f"{key}_token_id"] for key in ("bos", "eos") if f"{key}_token_id" in config}
+    if isinstance(tokens.get("eos"), list):
+        tokens["eos"] = tokens["eos"][0] if tokens["eos"] else None
+    if config.get("pad_token_id") is not None:
+        tokens["pad"] = config["pad_token_id"]
+    return tokens
 
 
 def _rope(config: dict) -> dict:
@@ -363,6 +374,7 @@ def config_from_spec(spec: ModelSpec) -> dict:
         "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"} if lang.rope_scaling is None
         else lang.rope_scaling.rope_parameters(lang.rope_theta), "rms_norm_eps": lang.norm_eps,
         "tie_word_embeddings": lang.tie_word_embeddings, "intermediate_size": lang.intermediate_size,
+        "pad_token_id": spec.tokens.pad, "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
         **_check_router(spec, model_type, routes),
     }
     if lang.attention.type == "mla":

@@ -23,7 +23,8 @@ from moebuild.model.pretrained import CheckpointError, read_safetensors_dir
 from moebuild.schemas import ModelSpec
 
 COMMON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=96, vocab_size=128, max_position_embeddings=256)
+              intermediate_size=96, vocab_size=128, max_position_embeddings=256,
+              pad_token_id=3, bos_token_id=5, eos_token_id=7)  # not moebuild's defaults: both ways carry them
 MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4)
 DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
                 first_k_dense_replace=1)
@@ -119,6 +120,8 @@ def test_config_spec_config_round_trip(pair):
     config = hf.config_from_spec(spec)
     again = ModelSpec.model_validate(hf.spec_from_config(config, name=spec.name))
     assert again == spec
+    assert (spec.tokens.pad, spec.tokens.bos, spec.tokens.eos) == (3, 5, 7)
+    assert tuple(config[f"{key}_token_id"] for key in ("pad", "bos", "eos")) == (3, 5, 7)
     for key, value in config.items():
         if key not in ("architectures", "rope_parameters"):
             assert getattr(ref.config, key) == pytest.approx(value), key
