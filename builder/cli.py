@@ -557,7 +557,8 @@ def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | N
     route and modality, expert loads, dropped slots, router entropy, LTDR's routing-probability
     variance, expert co-activation and per-patch top-1 experts. MODEL is a directory `moebuild
     compile` wrote, or a spec (built with random weights). Writes OUTPUT/routing.json, PNGs and a
-    self-contained OUTPUT/report.html; prompts are tokenized byte by byte (moebuild.model.tokenizer).
+    self-contained OUTPUT/report.html; prompts are tokenized by the spec's tokenizer, byte by byte
+    when it names none (moebuild.model.tokenizer).
 
     \b
     Examples:

@@ -9,11 +9,24 @@ lie outside the byte range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 SPECIALS = 3  # pad, bos, eos
 BYTES = 256
 IMAGE_PLACEHOLDER = "<image>"
+
+
+def encode_with_placeholders(text: str, image_token_id: int | None, encode: Callable[[str], list[int]]) -> list[int]:
+    """`encode` applied to the text between `<image>` placeholders, each placeholder one image_token_id."""
+    ids: list[int] = []
+    for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            if image_token_id is None:
+                raise ValueError("the prompt has an <image> placeholder but the model has no image_token_id")
+            ids.append(image_token_id)
+        ids += encode(part) if part else []
+    return ids
 
 
 class ByteTokenizer:
@@ -30,14 +43,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, each `<image>` as one image_token_id (no bos/eos added); the caller
         expands it to the picture's token count."""
-        ids: list[int] = []
-        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i:
-                if self.image_token_id is None:
-                    raise ValueError("the prompt has an <image> placeholder but the model has no image_token_id")
-                ids.append(self.image_token_id)
-            ids += [b + SPECIALS for b in part.encode("utf-8")]
-        return ids
+        return encode_with_placeholders(text, self.image_token_id, lambda part: [b + SPECIALS for b in part.encode("utf-8")])
 
     def decode(self, ids) -> str:
         text, run = [], bytearray()
@@ -67,7 +73,9 @@ class HFTokenizer:
         self.pad_token_id, self.bos_token_id, self.eos_token_id = spec.tokens.pad, spec.tokens.bos, spec.tokens.eos
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """As ByteTokenizer.encode: each `<image>` one image_token_id, whatever the vocabulary makes of the text."""
+        return encode_with_placeholders(text, self.image_token_id,
+                                        lambda part: self.tokenizer.encode(part, add_special_tokens=False))
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

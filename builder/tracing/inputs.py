@@ -2,8 +2,9 @@
 
 JSONL: one object per line, {"prompt": "... <image> ...", "image": "path"}; "image" is optional
 and relative to the JSONL file's directory. A prompt with an image but no `<image>` gets one at
-its start. Prompts are tokenized by the built-in byte-level tokenizer (the spec names none), a
-bos first, each `<image>` expanded to the image's token count; sequences are right-padded.
+its start. Prompts are tokenized by the spec's tokenizer (the byte-level one when it names none,
+moebuild.model.tokenizer.load_tokenizer), as training does: its bos first, each `<image>`
+expanded to the image's token count; sequences are right-padded with its pad id.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, ByteTokenizer
+from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, load_tokenizer
 
 
 class InputError(ValueError):
@@ -62,8 +63,8 @@ def batches(samples: list[Sample], model, batch_size: int):
     """Yield (model keyword arguments, the batch's images) for each batch of samples."""
     from moebuild.registry import build_processor
 
-    config = model.config
-    tokenizer = ByteTokenizer(config.vocab_size, getattr(config, "image_token_id", None))
+    tokenizer = load_tokenizer(model.spec)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     processor = None
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
@@ -84,12 +85,11 @@ def batches(samples: list[Sample], model, batch_size: int):
                 images.append((sample.image, processed))
                 grids += processed.tile_grids or []
                 n = processed.num_image_tokens[0]
-                at = ids.index(config.image_token_id)
-                ids = ids[:at] + [config.image_token_id] * n + ids[at + 1:]
-            rows.append([config.bos_token_id, *ids])
+                at = ids.index(tokenizer.image_token_id)
+                ids = ids[:at] + [tokenizer.image_token_id] * n + ids[at + 1:]
+            rows.append(bos + ids)
         width = max(len(r) for r in rows)
-        pad = config.pad_token_id if config.pad_token_id is not None else 0
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
         attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if images:
