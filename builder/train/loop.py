@@ -7,10 +7,12 @@ beside it in safetensors and JSON, so `--resume` continues at the same step with
 curve: the batch of step s is a function of (seed, s), and the RNG that draws router noise is
 saved and restored. The model also trains unchanged under a user's own `Trainer`.
 
-Run directory: `checkpoint-<step>/` (model.safetensors, config.json, spec.yaml, and
+Run directory: `checkpoint-<step>/` (model.safetensors, config.json, spec.yaml, routing.json, and
 `training_state/` with optimizer.safetensors, rng.safetensors, state.json) and `log.jsonl`, one
 line per logged step: the loss, the LM loss, every balancing term and each MoE layer's expert
-load per route and modality.
+load per route and modality. A checkpoint's routing.json is `moebuild trace`'s, over the
+training batches since the previous checkpoint (or since the run started or resumed): how the
+routing moved between checkpoints (a collapsing expert, a modality drifting) without a trace run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moebuild.output import write_model_dir
+from moebuild.tracing.collect import Recorder, RoutingTrace
 
 STATE = "training_state"
 
@@ -117,6 +120,7 @@ class Run:
         if not self.names:
             raise TrainError(f"stage {settings.stage!r} trains no parameter")
         self.step = 0
+        self.routing = RoutingTrace(model_name=model.spec.name)  # of the steps since the last checkpoint
 
     def resume(self, last: Path) -> None:
         """Continue from checkpoint `last` (the run's latest, `checkpoints(run_dir)[-1]`)."""
@@ -147,8 +151,10 @@ class Run:
             save_file({"cpu": torch.get_rng_state()}, directory / STATE / "rng.safetensors")
             state = {"step": self.step, "settings": asdict(self.settings), "data_sha256": self.data_digest}
             (directory / STATE / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+            (directory / "routing.json").write_text(self.routing.to_json() + "\n")
 
         write_model_dir(target, write, force=target.exists())
+        self.routing = RoutingTrace(model_name=self.model.spec.name)
         return target
 
     def train(self, progress=None) -> list[dict]:
@@ -166,7 +172,9 @@ class Run:
             batch = collate([self.examples[i] for i in batch_indices(self.step, s.batch_size, len(self.examples), s.seed)],
                             self.pad_token_id)
             logged = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
-            out = model(**batch, output_router_stats=logged)
+            with Recorder(model, self.routing).record():
+                out = model(**batch, output_router_stats=logged)
+            self.routing.batches += 1
             if not math.isfinite(out.loss.item()):
                 raise TrainError(f"step {self.step + 1}: the loss is {out.loss.item()}; lower --lr")
             out.loss.backward()

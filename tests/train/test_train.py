@@ -104,6 +104,14 @@ def test_stages_run_in_order_resume_exactly_and_checkpoints_load(tmp_path, task)
     assert resumed.step == 4 and losses(tmp_path / "split") == losses(tmp_path / "whole")  # the same curve, exactly
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+    # each checkpoint's routing.json: the routing of the steps since the one before (here 3 and 4),
+    # as the log's per-step loads (the model's own statistics) add up; a resumed run's is the same
+    routing = json.loads((tmp_path / "whole" / "checkpoint-000004" / "routing.json").read_text())
+    logged = [r["load"]["0"]["all->experts"]["all"] for r in map(json.loads, (tmp_path / "whole" / "log.jsonl")
+                                                                     .read_text().splitlines()) if r["step"] > 2]
+    assert routing["batches"] == 2 and len(logged) == 2
+    assert routing["layers"][0]["routes"]["all->experts"]["all"]["load"] == [sum(c) for c in zip(*logged)]
+    assert routing == json.loads((tmp_path / "split" / "checkpoint-000004" / "routing.json").read_text())
 
     moe = train(tmp_path / "whole" / "checkpoint-000004", task, tmp_path / "moe", Settings(stage="moe", steps=1, **settings))
     counts = moe.model.apply_stage("moe")
