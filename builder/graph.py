@@ -124,11 +124,35 @@ def layout(graph: RoutingGraph) -> tuple[dict[str, Box], int, int]:
     return boxes, x - GAP_X + PAD * 2, TOP + total_h + PAD * 2
 
 
-def _ends(edge: Edge, boxes: dict[str, Box]) -> tuple[int, int, int, int]:
+def edge_path(edge: Edge, boxes: dict[str, Box]) -> list[tuple[int, int]]:
+    """The points of an edge's line. A solid edge joins neighbouring columns straight. A dashed one
+    (balancing term -> router) crosses the pool column, so it runs right-angled: out of the router,
+    along the nearest horizontal lane free of pool boxes (its own height when that is free), and
+    into the term's left side, never through a box."""
     a, b = boxes[edge.source], boxes[edge.target]
-    if edge.dashed:  # balancing sits right of the routers: link left side to right side
-        return a.x, a.y + a.h // 2, b.x + b.w, b.y + b.h // 2
-    return a.x + a.w, a.y + a.h // 2, b.x, b.y + b.h // 2
+    if not edge.dashed:
+        return [(a.x + a.w, a.y + a.h // 2), (b.x, b.y + b.h // 2)]
+    router, term = b, a
+    pools = [box for node_id, box in boxes.items() if node_id.startswith("pool_")]
+    start, end = (router.x + router.w, router.y + router.h // 2), (term.x, term.y + term.h // 2)
+    if not pools:
+        return [start, end]
+    left, right = router.x + router.w + GAP_X // 2, term.x - GAP_X // 2
+    lane = _free_lane(start[1], end[1], pools)
+    points = [start, (left, start[1]), (left, lane), (right, lane), (right, end[1]), end]
+    return [p for k, p in enumerate(points) if k == 0 or p != points[k - 1]]
+
+
+def _free_lane(y_from: int, y_to: int, pools: list[Box]) -> int:
+    """The height nearest the middle of y_from and y_to that meets no pool box (with GAP_Y / 2 to
+    spare): y_from itself when free, else above, between or below the pools."""
+    if not any(box.y - GAP_Y // 2 < y_from < box.y + box.h + GAP_Y // 2 for box in pools):
+        return y_from
+    ordered = sorted(pools, key=lambda box: box.y)
+    lanes = [ordered[0].y - GAP_Y // 2, ordered[-1].y + ordered[-1].h + GAP_Y // 2]
+    lanes += [(upper.y + upper.h + lower.y) // 2 for upper, lower in zip(ordered, ordered[1:])]
+    middle = (y_from + y_to) / 2
+    return min(lanes, key=lambda y: abs(y - middle))
 
 
 def to_svg(graph: RoutingGraph) -> str:
@@ -141,9 +165,9 @@ def to_svg(graph: RoutingGraph) -> str:
         f'<text x="{PAD * 2}" y="{TOP // 2 + 4}" font-weight="bold">{escape(graph.title)}</text>',
     ]
     for edge in graph.edges:
-        x1, y1, x2, y2 = _ends(edge, boxes)
+        points = " ".join(f"{x},{y}" for x, y in edge_path(edge, boxes))
         style = 'stroke-dasharray="5,4"' if edge.dashed else 'marker-end="url(#arrow)"'
-        out.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="#555" {style}/>')
+        out.append(f'<polyline points="{points}" fill="none" stroke="#555" {style}/>')
     for node in graph.nodes:
         b = boxes[node.id]
         out.append(f'<g id="{node.id}"><rect x="{b.x}" y="{b.y}" width="{b.w}" height="{b.h}" rx="6" '
@@ -162,13 +186,16 @@ def write_png(graph: RoutingGraph, path: Path) -> None:
     draw = ImageDraw.Draw(image)
     draw.text((PAD * 2, TOP // 2 - 6), graph.title, fill="black")
     for edge in graph.edges:
-        x1, y1, x2, y2 = _ends(edge, boxes)
+        points = edge_path(edge, boxes)
         if edge.dashed:
-            steps = max(abs(x2 - x1), abs(y2 - y1)) // 9 + 1
-            for s in range(0, steps, 2):
-                t0, t1 = s / steps, min(s + 1, steps) / steps
-                draw.line([(x1 + (x2 - x1) * t0, y1 + (y2 - y1) * t0), (x1 + (x2 - x1) * t1, y1 + (y2 - y1) * t1)], fill="#555")
+            for (x1, y1), (x2, y2) in zip(points, points[1:]):
+                steps = max(abs(x2 - x1), abs(y2 - y1)) // 9 + 1
+                for s in range(0, steps, 2):
+                    t0, t1 = s / steps, min(s + 1, steps) / steps
+                    draw.line([(x1 + (x2 - x1) * t0, y1 + (y2 - y1) * t0),
+                               (x1 + (x2 - x1) * t1, y1 + (y2 - y1) * t1)], fill="#555")
         else:
+            (x1, y1), (x2, y2) = points
             draw.line([(x1, y1), (x2, y2)], fill="#555")
             draw.polygon([(x2, y2), (x2 - 8, y2 - 4), (x2 - 8, y2 + 4)], fill="#555")
     for node in graph.nodes:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import moebuild
 from moebuild.cli import main
-from moebuild.graph import routing_graph, to_dot
+from moebuild.graph import edge_path, layout, routing_graph, to_dot
 
 
 def dot_of(name: str, *overrides: str) -> str:
@@ -108,3 +108,20 @@ def test_every_preset_draws(name):
     graph = routing_graph(moebuild.load_spec(name))
     ids = {node.id for node in graph.nodes}
     assert all(edge.source in ids and edge.target in ids for edge in graph.edges)
+
+
+@pytest.mark.parametrize("name", moebuild.list_presets())
+def test_no_edge_runs_through_a_box(name):
+    """Every point of every drawn edge lies outside every box but its own two ends' (the balancing
+    edges once ran straight through the pools)."""
+    graph = routing_graph(moebuild.load_spec(name))
+    boxes, _, _ = layout(graph)
+    for edge in graph.edges:
+        points = edge_path(edge, boxes)
+        others = [box for node_id, box in boxes.items() if node_id not in (edge.source, edge.target)]
+        for (x1, y1), (x2, y2) in zip(points, points[1:]):
+            steps = max(abs(x2 - x1), abs(y2 - y1), 1)
+            for k in range(steps + 1):
+                x, y = x1 + (x2 - x1) * k / steps, y1 + (y2 - y1) * k / steps
+                inside = [b for b in others if b.x <= x <= b.x + b.w and b.y <= y <= b.y + b.h]
+                assert not inside, f"{edge.source} -> {edge.target} passes through a box at ({x:.0f}, {y:.0f})"
