@@ -85,13 +85,16 @@ def spec_from_config(config: dict, *, name: str) -> dict:
     moe = _moe_section(config, model_type)
     return {"moebuild_version": 1, "name": name, "description": f"imported from a transformers {model_type} config",
             "language": _language_section(config, model_type), **({"moe": moe} if moe else {}),
-            **({"tokens": tokens} if (tokens := _tokens_section(config)) else {})}
+            **({"tokens": tokens} if (tokens := tokens_section(config)) else {})}
 
 
-def _tokens_section(config: dict) -> dict:
-    """The special ids a config names (a list of eos ids keeps its first: the spec has one)."""
+def tokens_section(config: dict) -> dict:
+    """The spec's `tokens` of the special ids a transformers config names: bos and eos where the
+    config has the key (null stays null), pad only where it is set."""
     tokens = {key: config[f"{key}_token_id"] for key in ("bos", "eos") if f"{key}_token_id" in config}
     if isinstance(tokens.get("eos"), list):
+        if len(tokens["eos"]) > 1:
+            raise _refuse(f"eos_token_id {tokens['eos']}: a spec has one end-of-sequence id")
         tokens["eos"] = tokens["eos"][0] if tokens["eos"] else None
     if config.get("pad_token_id") is not None:
         tokens["pad"] = config["pad_token_id"]
@@ -374,7 +377,10 @@ def config_from_spec(spec: ModelSpec) -> dict:
         "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"} if lang.rope_scaling is None
         else lang.rope_scaling.rope_parameters(lang.rope_theta), "rms_norm_eps": lang.norm_eps,
         "tie_word_embeddings": lang.tie_word_embeddings, "intermediate_size": lang.intermediate_size,
-        "pad_token_id": spec.tokens.pad, "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
+        "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
+        # only a pad the spec sets: transformers makes pad_token_id the embedding's padding_idx
+        # (no gradient), and a config without one (Mixtral's) must not gain id 0 as padding
+        **({"pad_token_id": spec.tokens.pad} if "pad" in spec.tokens.model_fields_set else {}),
         **_check_router(spec, model_type, routes),
     }
     if lang.attention.type == "mla":

@@ -38,7 +38,7 @@ import torch
 from moebuild.model.pretrained import CheckpointError
 from moebuild.schemas import ModelSpec
 
-from .hf import rope_scaling_section, rope_scaling_v4
+from .hf import rope_scaling_section, rope_scaling_v4, tokens_section
 from .tensors import TensorSource, check_complete, expected_shapes, in_moe_layer, take_renamed
 
 POOL = "experts"
@@ -75,7 +75,7 @@ def spec_from_config(config: dict, *, name: str) -> dict:
     language = _language_section(config, family)
     spec = {"moebuild_version": 1, "name": name, "description": "imported from a MoE-LLaVA config",
             "vision": _vision_section(config), "connector": _connector_section(config), "language": language,
-            "tokens": {"bos": config.get("bos_token_id"), "eos": config.get("eos_token_id")}}
+            "tokens": tokens_section(config)}
     moe = _moe_section(config, family)
     return spec | ({"moe": moe} if moe else {})
 

@@ -181,3 +181,13 @@ def test_rope_scaling_is_carried_both_ways(model_type, kind, tmp_path):
     back, _ = hf.from_moebuild(moebuild.build(spec, device="meta").state_dict(), spec)
     assert {k: v for k, v in back["rope_parameters"].items() if v is not None} == \
         {k: v for k, v in config["rope_parameters"].items() if v is not None}
+
+
+def test_special_ids_are_read_as_the_config_has_them():
+    config = CONFIGS["qwen3_moe"]().to_dict() | {"pad_token_id": None, "eos_token_id": [7]}
+    spec = ModelSpec.model_validate(hf.spec_from_config(config, name="q"))
+    assert (spec.tokens.bos, spec.tokens.eos) == (5, 7)
+    assert "pad_token_id" not in hf.config_from_spec(spec)  # no pad in, no pad out: id 0 stays a token
+    with pytest.raises(CheckpointError, match=r"eos_token_id \[7, 9\]: a spec has one"):
+        hf.spec_from_config(config | {"eos_token_id": [7, 9]}, name="q")
+    assert ModelSpec.model_validate(hf.spec_from_config(config | {"eos_token_id": None}, name="q")).tokens.eos is None
