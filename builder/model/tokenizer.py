@@ -18,14 +18,27 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 def encode_with_placeholders(text: str, image_token_id: int | None, encode: Callable[[str], list[int]]) -> list[int]:
-    """`encode` applied to the text between `<image>` placeholders, each placeholder one image_token_id."""
+    """`encode` applied to the text between `<image>` placeholders, each placeholder one image_token_id.
+    Text that itself encodes to the image id is refused: the model would take it for a picture's token."""
     ids: list[int] = []
     for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
             if image_token_id is None:
                 raise ValueError("the prompt has an <image> placeholder but the model has no image_token_id")
             ids.append(image_token_id)
-        ids += encode(part) if part else []
+        part_ids = encode(part) if part else []
+        if image_token_id is not None and image_token_id in part_ids:
+            raise ValueError(f"the text {part[:40]!r} encodes to the image token id {image_token_id}; set tokens.image "
+                             "to an id the tokenizer does not give text")
+        ids += part_ids
+    return ids
+
+
+def encode_prompt(tokenizer, text: str, tokens_per_image: int) -> list[int]:
+    """The ids of `text` with each `<image>` expanded to `tokens_per_image` image ids (no bos/eos)."""
+    ids: list[int] = []
+    for token in tokenizer.encode(text):
+        ids += [token] * tokens_per_image if token == tokenizer.image_token_id else [token]
     return ids
 
 

@@ -2,9 +2,10 @@
 
 JSONL: one object per line, {"prompt": "... <image> ...", "image": "path"}; "image" is optional
 and relative to the JSONL file's directory. A prompt with an image but no `<image>` gets one at
-its start. Prompts are tokenized by the spec's tokenizer (the byte-level one when it names none,
-moebuild.model.tokenizer.load_tokenizer), as training does: its bos first, each `<image>`
-expanded to the image's token count; sequences are right-padded with its pad id.
+its start. Prompts are tokenized by the tokenizer training uses (the spec's, or the byte-level one
+when it names none: moebuild.model.tokenizer.load_tokenizer), as they are written (no chat
+template): its bos first, each `<image>` expanded to the image's token count; sequences are
+right-padded with its pad id.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, load_tokenizer
+from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, encode_prompt, load_tokenizer
 
 
 class InputError(ValueError):
@@ -77,17 +78,18 @@ def batches(samples: list[Sample], model, batch_size: int):
             if wanted != (sample.image is not None):
                 raise InputError(f"prompt {sample.prompt[:40]!r} has {wanted} <image> placeholder(s) "
                                  f"but {int(sample.image is not None)} image")
-            ids = tokenizer.encode(prompt)
+            tokens_per_image = 0
             if sample.image is not None:
                 if processor is None:
                     processor = build_processor(model.spec)
                 processed = processor([sample.image])
                 images.append((sample.image, processed))
                 grids += processed.tile_grids or []
-                n = processed.num_image_tokens[0]
-                at = ids.index(tokenizer.image_token_id)
-                ids = ids[:at] + [tokenizer.image_token_id] * n + ids[at + 1:]
-            rows.append(bos + ids)
+                tokens_per_image = processed.num_image_tokens[0]
+            try:
+                rows.append(bos + encode_prompt(tokenizer, prompt, tokens_per_image))
+            except ValueError as exc:
+                raise InputError(f"prompt {sample.prompt[:40]!r}: {exc}") from None
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
         attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])

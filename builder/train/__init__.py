@@ -40,6 +40,9 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     stages = [s.name for s in spec.training.stages] if spec.training else []
     if settings.stage is not None and settings.stage not in stages:
         raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
+    if spec.tokens.eos is None:
+        raise TrainError(f"{spec.name}: tokens.eos is null, and training ends every answer with it (so the "
+                         "model learns to stop); set tokens.eos")
     try:
         tokenizer = load_tokenizer(spec)
     except ValueError as exc:

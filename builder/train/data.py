@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moebuild.model.tokenizer import IMAGE_PLACEHOLDER as IMAGE
+from moebuild.model.tokenizer import encode_prompt
 
 IGNORE = -100
 ROLES = {"human": "USER: ", "gpt": ""}
@@ -91,13 +92,12 @@ class Encoder:
         return Example(ids, labels, processed.pixel_values, processed.tile_grids[0] if processed.tile_grids else None)
 
     def _prompt(self, text: str, tokens_per_image: int, where: str) -> list[int]:
-        parts = text.split(IMAGE)
-        if len(parts) > 1 and self.image_token_id is None:
+        if IMAGE in text and self.image_token_id is None:
             raise DataError(f"{where}: {IMAGE} in a text-only model's data")
-        ids = self.tokenizer.encode(parts[0])
-        for part in parts[1:]:
-            ids += [self.image_token_id] * tokens_per_image + self.tokenizer.encode(part)
-        return ids
+        try:
+            return encode_prompt(self.tokenizer, text, tokens_per_image)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
 
     def _pixels(self, image, where: str, image_root: Path):
         from PIL import Image, UnidentifiedImageError

@@ -45,3 +45,17 @@ def test_trace_tokenizes_with_the_specs_tokenizer(tmp_path):
     assert batch["input_ids"][1].tolist() == [4, 15, 16] + [5] * (n + 2)
     assert batch["attention_mask"][1].tolist() == [1] * 3 + [0] * (n + 2)
     assert len(images) == 1
+
+
+def test_trace_without_bos_and_text_that_encodes_to_the_image_id(tmp_path):
+    from moebuild import build
+    from moebuild.spec.loading import load_spec
+    from moebuild.tracing.inputs import InputError, Sample, batches
+
+    directory = word_tokenizer_dir(tmp_path)
+    spec = load_spec("micro-moe-llava", [f"tokenizer={directory}", "tokens.bos=null"])
+    (batch, _), = batches([Sample("a cat")], build(spec, device="meta"), batch_size=1)
+    assert batch["input_ids"].tolist() == [[15, 16]]
+    clash = build(load_spec("micro-moe-llava", [f"tokenizer={directory}", "tokens.image=12"]), device="meta")
+    with pytest.raises(InputError, match="encodes to the image token id 12"):
+        list(batches([Sample("what is this")], clash, batch_size=1))

@@ -224,3 +224,9 @@ def test_the_colour_task_is_learned(tmp_path):
         right += tokenizer.decode(out[0, ids.shape[1]:].tolist()) == name
     assert right >= 5, right
     assert instruct.step == 150
+
+
+def test_a_spec_without_eos_is_refused_before_training(tmp_path, task):
+    model = moebuild.build(moebuild.load_spec("micro-moe-llava", ["tokens.eos=null"]))
+    with pytest.raises(TrainError, match="tokens.eos is null"):
+        train(model, task, tmp_path / "run", Settings(stage="align", steps=1))
