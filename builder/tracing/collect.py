@@ -67,13 +67,24 @@ class GroupCounts:
             "rpv": None if not len(rpv) else {
                 "mean": float(rpv.mean()), "std": float(rpv.std(correction=0)),
                 "min": float(rpv.min()), "max": float(rpv.max()),
-                "quantiles": dict(zip(("p50", "p90", "p99"),
-                                      torch.quantile(rpv.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.double))
-                                      .tolist())),
+                "quantiles": dict(zip(("p50", "p90", "p99"), _quantiles(rpv, (0.5, 0.9, 0.99)))),
             },
             "coactivation": self.coactivation.tolist(),
         }
         return out
+
+
+def _quantiles(x: Tensor, qs: tuple[float, ...]) -> list[float]:
+    """torch.quantile's linear interpolation, from one sort: torch.quantile refuses inputs over 2^24
+    values, which a trace over many batches (or a long training window) passes."""
+    sorted_x = x.double().sort().values
+    out = []
+    for q in qs:
+        position = q * (len(sorted_x) - 1)
+        low = int(position)
+        high = min(low + 1, len(sorted_x) - 1)
+        out.append(float(sorted_x[low] + (sorted_x[high] - sorted_x[low]) * (position - low)))
+    return out
 
 
 def route_kind(router, routing) -> str:

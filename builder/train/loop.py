@@ -10,13 +10,14 @@ saved and restored. The model also trains unchanged under a user's own `Trainer`
 Run directory: `checkpoint-<step>/` (model.safetensors, config.json, spec.yaml, routing.json, and
 `training_state/` with optimizer.safetensors, rng.safetensors, state.json) and `log.jsonl`, one
 line per logged step: the loss, the LM loss, every balancing term and each MoE layer's expert
-load per route and modality. A checkpoint's routing.json is `moebuild trace`'s, over the
+load per route and modality. A checkpoint's routing.json is `moebuild trace`'s, over the logged
 training batches since the previous checkpoint (or since the run started or resumed): how the
 routing moved between checkpoints (a collapsing expert, a modality drifting) without a trace run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -172,9 +173,10 @@ class Run:
             batch = collate([self.examples[i] for i in batch_indices(self.step, s.batch_size, len(self.examples), s.seed)],
                             self.pad_token_id)
             logged = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
-            with Recorder(model, self.routing).record():
+            # traced on the logged steps only: the trace reads each router's choices on the host
+            with Recorder(model, self.routing).record() if logged else contextlib.nullcontext():
                 out = model(**batch, output_router_stats=logged)
-            self.routing.batches += 1
+            self.routing.batches += logged
             if not math.isfinite(out.loss.item()):
                 raise TrainError(f"step {self.step + 1}: the loss is {out.loss.item()}; lower --lr")
             out.loss.backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moebuild
-from moebuild.tracing.collect import RoutingTrace
+from moebuild.tracing.collect import RoutingTrace, _quantiles
 from moebuild.tracing.inputs import Sample, batches
 
 
@@ -94,3 +94,16 @@ def test_dense_and_several_pools_have_no_top1():
     assert dense["all"]["experts_per_token"] == dense["num_experts"]
     figures = result.plot_patch_maps(images)
     assert len(figures) == len(result.images) == 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_quantiles_are_torch_quantiles(n):
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    qs = (0.5, 0.9, 0.99)
+    expected = torch.quantile(x.double(), torch.tensor(qs, dtype=torch.double)).tolist()
+    assert _quantiles(x, qs) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_quantiles_past_torch_quantiles_limit():
+    x = torch.arange(2**24 + 1, dtype=torch.float32).flip(0)  # torch.quantile refuses this size
+    assert _quantiles(x, (0.5, 0.25)) == [2**23, 2**22]
