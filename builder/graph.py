@@ -96,7 +96,7 @@ def to_dot(graph: RoutingGraph) -> str:
 
 
 # Layout for SVG and PNG: one column per node kind, boxes sized from their text.
-CHAR_W, LINE_H, PAD, GAP_X, GAP_Y, TOP = 7, 16, 8, 60, 18, 40
+CHAR_W, LINE_H, PAD, GAP_X, GAP_Y, TOP, LANE_STEP = 7, 16, 8, 60, 18, 40, 4
 
 
 @dataclass
@@ -124,23 +124,34 @@ def layout(graph: RoutingGraph) -> tuple[dict[str, Box], int, int]:
     return boxes, x - GAP_X + PAD * 2, TOP + total_h + PAD * 2
 
 
-def edge_path(edge: Edge, boxes: dict[str, Box]) -> list[tuple[int, int]]:
-    """The points of an edge's line. A solid edge joins neighbouring columns straight. A dashed one
-    (balancing term -> router) crosses the pool column, so it runs right-angled: out of the router,
-    along the nearest horizontal lane free of pool boxes (its own height when that is free), and
-    into the term's left side, never through a box."""
-    a, b = boxes[edge.source], boxes[edge.target]
-    if not edge.dashed:
-        return [(a.x + a.w, a.y + a.h // 2), (b.x, b.y + b.h // 2)]
-    router, term = b, a
+def edge_paths(graph: RoutingGraph, boxes: dict[str, Box]) -> list[list[tuple[int, int]]]:
+    """The points of each edge's line, in graph.edges' order. A solid edge joins neighbouring
+    columns straight. A dashed one (balancing term -> router) crosses the pool column, so it runs
+    right-angled: out of the router, along the nearest horizontal lane free of pool boxes (its own
+    height when that is free), and into the term's left side, never through a box; a second edge on
+    the same lane runs LANE_STEP px beside the first, so each link can be followed."""
     pools = [box for node_id, box in boxes.items() if node_id.startswith("pool_")]
-    start, end = (router.x + router.w, router.y + router.h // 2), (term.x, term.y + term.h // 2)
-    if not pools:
-        return [start, end]
-    left, right = router.x + router.w + GAP_X // 2, term.x - GAP_X // 2
-    lane = _free_lane(start[1], end[1], pools)
-    points = [start, (left, start[1]), (left, lane), (right, lane), (right, end[1]), end]
-    return [p for k, p in enumerate(points) if k == 0 or p != points[k - 1]]
+    on_lane: dict[int, int] = {}
+    paths = []
+    for edge in graph.edges:
+        a, b = boxes[edge.source], boxes[edge.target]
+        if not edge.dashed:
+            paths.append([(a.x + a.w, a.y + a.h // 2), (b.x, b.y + b.h // 2)])
+            continue
+        router, term = b, a
+        start, end = (router.x + router.w, router.y + router.h // 2), (term.x, term.y + term.h // 2)
+        if not pools:
+            paths.append([start, end])
+            continue
+        lane = _free_lane(start[1], end[1], pools)
+        # at most as far as the lane's margin to the boxes (GAP_Y / 2); past that, lines overlap
+        shift = 0 if lane == start[1] else LANE_STEP * min(on_lane.get(lane, 0), GAP_Y // 2 // LANE_STEP)
+        if lane != start[1]:
+            on_lane[lane] = on_lane.get(lane, 0) + 1
+        left, right = router.x + router.w + GAP_X // 2 - shift, term.x - GAP_X // 2 + shift
+        points = [start, (left, start[1]), (left, lane + shift), (right, lane + shift), (right, end[1]), end]
+        paths.append([p for k, p in enumerate(points) if k == 0 or p != points[k - 1]])
+    return paths
 
 
 def _free_lane(y_from: int, y_to: int, pools: list[Box]) -> int:
@@ -164,8 +175,8 @@ def to_svg(graph: RoutingGraph) -> str:
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="{PAD * 2}" y="{TOP // 2 + 4}" font-weight="bold">{escape(graph.title)}</text>',
     ]
-    for edge in graph.edges:
-        points = " ".join(f"{x},{y}" for x, y in edge_path(edge, boxes))
+    for edge, path in zip(graph.edges, edge_paths(graph, boxes)):
+        points = " ".join(f"{x},{y}" for x, y in path)
         style = 'stroke-dasharray="5,4"' if edge.dashed else 'marker-end="url(#arrow)"'
         out.append(f'<polyline points="{points}" fill="none" stroke="#555" {style}/>')
     for node in graph.nodes:
@@ -185,8 +196,7 @@ def write_png(graph: RoutingGraph, path: Path) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((PAD * 2, TOP // 2 - 6), graph.title, fill="black")
-    for edge in graph.edges:
-        points = edge_path(edge, boxes)
+    for edge, points in zip(graph.edges, edge_paths(graph, boxes)):
         if edge.dashed:
             for (x1, y1), (x2, y2) in zip(points, points[1:]):
                 steps = max(abs(x2 - x1), abs(y2 - y1)) // 9 + 1

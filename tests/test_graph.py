@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 import moebuild
 from moebuild.cli import main
-from moebuild.graph import edge_path, layout, routing_graph, to_dot
+from moebuild.graph import edge_paths, layout, routing_graph, to_dot
+from moebuild.schemas import ModelSpec
 
 
 def dot_of(name: str, *overrides: str) -> str:
@@ -116,8 +117,7 @@ def test_no_edge_runs_through_a_box(name):
     edges once ran straight through the pools)."""
     graph = routing_graph(moebuild.load_spec(name))
     boxes, _, _ = layout(graph)
-    for edge in graph.edges:
-        points = edge_path(edge, boxes)
+    for edge, points in zip(graph.edges, edge_paths(graph, boxes)):
         others = [box for node_id, box in boxes.items() if node_id not in (edge.source, edge.target)]
         for (x1, y1), (x2, y2) in zip(points, points[1:]):
             steps = max(abs(x2 - x1), abs(y2 - y1), 1)
@@ -125,3 +125,36 @@ def test_no_edge_runs_through_a_box(name):
                 x, y = x1 + (x2 - x1) * k / steps, y1 + (y2 - y1) * k / steps
                 inside = [b for b in others if b.x <= x <= b.x + b.w and b.y <= y <= b.y + b.h]
                 assert not inside, f"{edge.source} -> {edge.target} passes through a box at ({x:.0f}, {y:.0f})"
+
+
+def _segments(points):
+    return [((x1, y1), (x2, y2)) for (x1, y1), (x2, y2) in zip(points, points[1:])]
+
+
+def _overlap(s, t) -> bool:
+    """Two axis-parallel segments on one line sharing more than a point."""
+    (a1, a2), (b1, b2) = s, t
+    for axis in (0, 1):
+        other = 1 - axis
+        if a1[other] == a2[other] == b1[other] == b2[other]:
+            lo, hi = max(min(a1[axis], a2[axis]), min(b1[axis], b2[axis])), min(max(a1[axis], a2[axis]), max(b1[axis], b2[axis]))
+            if hi > lo:
+                return True
+    return False
+
+
+def test_balancing_links_on_one_lane_run_side_by_side():
+    """Two routed routes, each with its own term and one over all tokens: four dashed links, two of
+    which would share the lanes above and below the pools; no two links of different routers and
+    different terms may run along the same line."""
+    data = moebuild.load_spec("micro-vl-moe").model_dump(mode="json", exclude_defaults=True)
+    data["moe"]["balancing"].append({"type": "z_loss", "coef": 0.001})
+    spec = ModelSpec.model_validate(data)
+    graph = routing_graph(spec)
+    boxes, _, _ = layout(graph)
+    dashed = [(e, p) for e, p in zip(graph.edges, edge_paths(graph, boxes)) if e.dashed]
+    assert len(dashed) == 4
+    for i, (e, p) in enumerate(dashed):
+        for f, q in dashed[i + 1:]:
+            if e.source != f.source and e.target != f.target:
+                assert not any(_overlap(s, t) for s in _segments(p) for t in _segments(q)), (e, f)
