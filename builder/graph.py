@@ -143,10 +143,10 @@ def edge_paths(graph: RoutingGraph, boxes: dict[str, Box]) -> list[list[tuple[in
         if not pools:
             paths.append([start, end])
             continue
-        lane = _free_lane(start[1], end[1], pools)
-        # at most as far as the lane's margin to the boxes (GAP_Y / 2); past that, lines overlap
-        shift = 0 if lane == start[1] else LANE_STEP * min(on_lane.get(lane, 0), GAP_Y // 2 // LANE_STEP)
-        if lane != start[1]:
+        lane, shift = _free_lane(start[1], end[1], pools), 0
+        if lane != start[1]:  # a lane other edges may share
+            # at most as far as the lane's margin to the boxes (GAP_Y / 2); past that, lines overlap
+            shift = LANE_STEP * min(on_lane.get(lane, 0), GAP_Y // 2 // LANE_STEP)
             on_lane[lane] = on_lane.get(lane, 0) + 1
         left, right = router.x + router.w + GAP_X // 2 - shift, term.x - GAP_X // 2 + shift
         points = [start, (left, start[1]), (left, lane + shift), (right, lane + shift), (right, end[1]), end]

@@ -112,8 +112,7 @@ class ExpertPool(nn.Module):
         gradient is wanted, as one MLP over the rows as they are: nothing to sort, gather or scatter,
         and no reading of the ids to find that out."""
         if dense and self.num_local_experts == 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_TD.device.type):
-            w_in, b_in, w_out, b_out = self.stacked()
-            expert = ExpertWeights(w_in[0], None if b_in is None else b_in[0], w_out[0], None if b_out is None else b_out[0])
+            expert, = self.split()
             return self.mlp(x_TD, expert).mul_(weights_TK.to(x_TD.dtype))
         dispatch = get_dispatch(self.backend, x_TD.device)
         if self.parallel is not None:
