@@ -27,6 +27,7 @@ from moebuild.moe.layer import MoELayer
 from moebuild.moe.routers.soft import SoftRouting
 from moebuild.moe.routers.topk import DenseRouter
 from moebuild.moe.stats import route_stats
+from moebuild.tracing.summary import RunningSummary
 
 GROUPS = ("all", "text", "image")
 NO_TOP1 = -1  # a route without a top-1 expert (dense / soft), or a token with no kept slot
@@ -45,7 +46,7 @@ class GroupCounts:
     has_tail: bool = False
     load: Tensor = None  # int64 [E], kept assignments per expert
     coactivation: Tensor = None  # int64 [E, E]
-    rpv: list[Tensor] = field(default_factory=list)  # fp32 per token
+    rpv: RunningSummary = field(default_factory=RunningSummary)  # of every token's RPV
 
     def __post_init__(self):
         E = self.num_experts
@@ -54,7 +55,7 @@ class GroupCounts:
 
     def to_dict(self) -> dict:
         kept = int(self.load.sum())
-        rpv = torch.cat(self.rpv) if self.rpv else torch.zeros(0)
+        rpv = self.rpv
         out = {
             "tokens": self.tokens,
             "load": self.load.tolist(),
@@ -65,9 +66,9 @@ class GroupCounts:
             "entropy": self.entropy_sum / self.tokens if self.has_entropy and self.tokens else None,
             "tail_share": self.tail / self.tokens if self.has_tail and self.tokens else None,
             "rpv": None if not len(rpv) else {
-                "mean": float(rpv.mean()), "std": float(rpv.std(correction=0)),
-                "min": float(rpv.min()), "max": float(rpv.max()),
-                "quantiles": dict(zip(("p50", "p90", "p99"), _quantiles(rpv, (0.5, 0.9, 0.99)))),
+                "mean": rpv.mean, "std": rpv.std, "min": rpv.min, "max": rpv.max,
+                "quantiles": dict(zip(("p50", "p90", "p99"), _quantiles(rpv.sample(), (0.5, 0.9, 0.99)))),
+                "quantile_sample": len(rpv.sample()),  # every token's value up to SAMPLE_SIZE
             },
             "coactivation": self.coactivation.tolist(),
         }
@@ -75,8 +76,8 @@ class GroupCounts:
 
 
 def _quantiles(x: Tensor, qs: tuple[float, ...]) -> list[float]:
-    """torch.quantile's linear interpolation, from one sort: torch.quantile refuses inputs over 2^24
-    values, which a trace over many batches (or a long training window) passes."""
+    """torch.quantile's linear interpolation, from one sort (torch.quantile refuses inputs over 2^24
+    values)."""
     sorted_x = x.double().sort().values
     out = []
     for q in qs:
@@ -138,10 +139,13 @@ def moe_layers(model) -> list[tuple[int, MoELayer]]:
 
 
 class Recorder:
-    """Hooks on every router of `model`; `record()` around a forward collects into `trace`."""
+    """Hooks on every router of `model`; `record()` around a forward collects into `trace`.
 
-    def __init__(self, model, trace: "RoutingTrace"):
-        self.model, self.trace = model, trace
+    `top1`: also keep each call token's top-1 expert (`calls`), which only `trace`'s image patch
+    maps read; training's per-checkpoint trace leaves it out."""
+
+    def __init__(self, model, trace: "RoutingTrace", top1: bool = True):
+        self.model, self.trace, self.top1 = model, trace, top1
         self.calls: dict[tuple[int, str], Tensor] = {}  # top-1 per call token [B, S] for this forward
 
     @contextmanager
@@ -202,7 +206,9 @@ class Recorder:
             m_RE = onehot_RE[mask]
             counts.coactivation += m_RE.t() @ m_RE
             if rpv_R is not None:
-                counts.rpv.append(rpv_R[mask])
+                counts.rpv.add(rpv_R[mask])
+        if not self.top1:
+            return
         # top-1 of every call token this route took (-1: none, or not on this route)
         B, S = batch.call.valid_BS.shape
         top1_T = self.calls.setdefault((layer, route.name), torch.full((B * S,), NO_TOP1, dtype=torch.int64))

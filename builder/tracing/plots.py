@@ -90,7 +90,7 @@ def plot_load_distribution(trace, path=None):
 def plot_rpv_histogram(trace, path=None):
     """Routing-probability variance of text vs image tokens per layer, LTDR's tail threshold marked."""
     layers = [i for i in trace.layer_indices()
-              if any(c.rpv for r in trace.layers[i].routes.values() for c in r.groups.values())]
+              if any(len(c.rpv) for r in trace.layers[i].routes.values() for c in r.groups.values())]
     n = max(len(layers), 1)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.0), squeeze=False)
     if not layers:
@@ -100,10 +100,13 @@ def plot_rpv_histogram(trace, path=None):
     for ax, index in zip(axes[0], layers):
         routes = trace.layers[index].routes.values()
         for modality, colour in zip(MODALITIES, ("tab:blue", "tab:orange")):
-            values = [v for r in routes if modality in r.groups for v in r.groups[modality].rpv]
-            if values:
-                data = np.concatenate([v.numpy() for v in values])
-                ax.hist(data, bins=30, alpha=0.55, color=colour, label=f"{modality} ({len(data)})", density=True)
+            summaries = [r.groups[modality].rpv for r in routes if modality in r.groups and len(r.groups[modality].rpv)]
+            if summaries:  # a route's sample stands for all its tokens: each value weighs tokens / sample
+                samples = [s.sample().numpy() for s in summaries]
+                weights = [np.full(len(v), len(s) / len(v)) for s, v in zip(summaries, samples)]
+                tokens = sum(len(s) for s in summaries)
+                ax.hist(np.concatenate(samples), bins=30, weights=np.concatenate(weights), alpha=0.55, color=colour,
+                        label=f"{modality} ({tokens})", density=True)
         for r in routes:
             threshold = r.tail_threshold
             if threshold is not None and any(c.has_tail for c in r.groups.values()):

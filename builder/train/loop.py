@@ -121,7 +121,7 @@ class Run:
         if not self.names:
             raise TrainError(f"stage {settings.stage!r} trains no parameter")
         self.step = 0
-        self.routing = RoutingTrace(model_name=model.spec.name)  # of the steps since the last checkpoint
+        self._new_window()
 
     def resume(self, last: Path) -> None:
         """Continue from checkpoint `last` (the run's latest, `checkpoints(run_dir)[-1]`)."""
@@ -155,8 +155,11 @@ class Run:
             (directory / "routing.json").write_text(self.routing.to_json() + "\n")
 
         write_model_dir(target, write, force=target.exists())
-        self.routing = RoutingTrace(model_name=self.model.spec.name)
+        self._new_window()
         return target
+
+    def _new_window(self) -> None:
+        self.routing = RoutingTrace(model_name=self.model.spec.name)  # of the steps since the last checkpoint
 
     def train(self, progress=None) -> list[dict]:
         """Steps from the current one to settings.steps; returns the logged records."""
@@ -174,7 +177,7 @@ class Run:
                             self.pad_token_id)
             logged = (self.step + 1) % s.log_every == 0 or self.step + 1 == s.steps
             # traced on the logged steps only: the trace reads each router's choices on the host
-            with Recorder(model, self.routing).record() if logged else contextlib.nullcontext():
+            with Recorder(model, self.routing, top1=False).record() if logged else contextlib.nullcontext():
                 out = model(**batch, output_router_stats=logged)
             self.routing.batches += logged
             if not math.isfinite(out.loss.item()):

@@ -107,3 +107,40 @@ def test_quantiles_are_torch_quantiles(n):
 def test_quantiles_past_torch_quantiles_limit():
     x = torch.arange(2**24 + 1, dtype=torch.float32).flip(0)  # torch.quantile refuses this size
     assert _quantiles(x, (0.5, 0.25)) == [2**23, 2**22]
+
+
+def test_rpv_summary_is_the_variance_of_the_routers_scores(ltdr):
+    batch, _ = _batch(ltdr)
+    layer = ltdr.language.model.layers[0].mlp
+    route = [r for r in layer.routes if r.tokens == "image"][0]
+    seen = []
+    handle = route.router.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    try:
+        result = moebuild.trace(ltdr, batch)
+    finally:
+        handle.remove()
+    (route_batch, routing), = seen
+    rpv = routing.probs_TE.double().var(dim=-1, correction=0)[route_batch.valid_R].float()
+    got = result.to_dict()["layers"][0]["routes"][route.name]["image"]["rpv"]
+    assert got["mean"] == pytest.approx(float(rpv.double().mean()), rel=1e-6)
+    assert got["std"] == pytest.approx(float(rpv.double().std(correction=0)), rel=1e-5)
+    assert (got["min"], got["max"]) == pytest.approx((float(rpv.min()), float(rpv.max())), rel=1e-6)
+    assert got["quantile_sample"] == len(rpv) > 0
+    expected = torch.quantile(rpv.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.double)).tolist()
+    assert list(got["quantiles"].values()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_recorder_without_top1_keeps_the_same_counts_and_no_calls(ltdr):
+    from moebuild.tracing.collect import Recorder
+
+    batch, _ = _batch(ltdr)
+    traces = []
+    for top1 in (True, False):
+        trace_ = RoutingTrace()
+        recorder = Recorder(ltdr, trace_, top1=top1)
+        torch.manual_seed(0)  # deepspeed_top2's Gumbel draws
+        with recorder.record(), torch.no_grad():
+            ltdr(**batch, use_cache=False)
+        traces.append(trace_)
+        assert bool(recorder.calls) == top1
+    assert traces[0].to_dict() == traces[1].to_dict()
