@@ -146,8 +146,8 @@ def bench_model(spec, *, batch: int = 4, length: int = 512, repeats: int = 5,
             continue
         runs = {"ours": make(ours), "theirs": make(theirs)}
         samples = {"ours": [], "theirs": []}
-        for _ in range(repeats):  # interleaved: both models see the same machine state
-            for who in ("ours", "theirs"):
+        for round_ in range(repeats):  # interleaved: both models see the same machine state
+            for who in ("ours", "theirs") if round_ % 2 == 0 else ("theirs", "ours"):  # neither always first
                 samples[who].append(_sample_ms(runs[who]))
         rows.append(Row(name, statistics.median(samples["ours"]), statistics.median(samples["theirs"]),
                         (min(samples["ours"]), max(samples["ours"])),

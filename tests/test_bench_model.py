@@ -31,3 +31,18 @@ def test_every_workload_runs_on_both_models(name, monkeypatch):
 def test_a_spec_transformers_has_no_model_for_is_one_line():
     result = CliRunner().invoke(main, ["bench", "model", "micro-moe-llava"])
     assert result.exit_code == 1 and "vision tower" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_samples_alternate_which_model_goes_first(monkeypatch):
+    import moebuild
+    from moebuild import bench_model
+
+    order = []
+    monkeypatch.setattr(bench_model, "_sample_ms", lambda run: order.append(run) or 1.0)
+    monkeypatch.setattr(bench_model, "workloads", lambda vocab, batch, length: {
+        "w": lambda model: model})  # the "run" is the model itself: records who was sampled
+    spec = moebuild.load_spec(str(SPECS / "qwen2_moe_like.yaml"), overrides=TINY)
+    monkeypatch.setattr(bench_model, "check_logits", lambda *a: 0.0)
+    bench_model.bench_model(spec, repeats=4)
+    ours = order[0]
+    assert [run is ours for run in order] == [True, False, False, True, True, False, False, True]
