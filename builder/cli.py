@@ -438,7 +438,8 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
                                  save_every=save_every, log_every=log_every, max_length=max_length)
     try:
         model = training.load_model(source, seed)
-        if stage is not None and model.spec.training and stage in [s.name for s in model.spec.training.stages]:
+        training.check(model.spec, output, settings, resume)  # refused before the stage's table is printed
+        if stage is not None:
             click.echo(str(model.apply_stage(stage)))
         with click.progressbar(length=steps, label="training", show_pos=True,
                                item_show_func=lambda loss: None if loss is None else f"loss {loss:.4f}") as bar:

@@ -10,7 +10,7 @@ import torch
 from moebuild.train.data import DataError, Encoder, encode_file
 from moebuild.train.loop import Run, Settings, TrainError, checkpoints
 
-__all__ = ["DataError", "Run", "Settings", "TrainError", "load_model", "train"]
+__all__ = ["DataError", "Run", "Settings", "TrainError", "check", "load_model", "train"]
 
 
 def load_model(source: str, seed: int = 0):
@@ -22,12 +22,9 @@ def load_model(source: str, seed: int = 0):
     return build(source, seed=seed)
 
 
-def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, resume: bool = False,
-          image_folder: str | Path | None = None, progress=None) -> Run:
-    """Train `source` (a model, model directory, spec or preset) on `data` into `run_dir`."""
-    from moebuild.model.tokenizer import load_tokenizer
-    from moebuild.registry import build_processor
-
+def check(spec, run_dir: str | Path, settings: Settings, resume: bool = False) -> list[Path]:
+    """What `train` refuses before it touches anything (a TrainError), for a caller that prints
+    before training starts; returns the run's checkpoints."""
     run_dir = Path(run_dir)
     found = checkpoints(run_dir)
     if resume and not found:
@@ -35,14 +32,25 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         verb = "--resume continues it" if found else "choose an empty or new directory"
         raise TrainError(f"{run_dir} exists and is not empty ({verb})")
-    model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
-    spec = model.spec
     stages = [s.name for s in spec.training.stages] if spec.training else []
     if settings.stage is not None and settings.stage not in stages:
         raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
     if spec.tokens.eos is None:
         raise TrainError(f"{spec.name}: tokens.eos is null, and training ends every answer with it (so the "
                          "model learns to stop); set tokens.eos")
+    return found
+
+
+def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, resume: bool = False,
+          image_folder: str | Path | None = None, progress=None) -> Run:
+    """Train `source` (a model, model directory, spec or preset) on `data` into `run_dir`."""
+    from moebuild.model.tokenizer import load_tokenizer
+    from moebuild.registry import build_processor
+
+    run_dir = Path(run_dir)
+    model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
+    spec = model.spec
+    found = check(spec, run_dir, settings, resume)
     try:
         tokenizer = load_tokenizer(spec)
     except ValueError as exc:

@@ -129,6 +129,7 @@ def test_the_cli_refuses_what_it_cannot_continue(tmp_path, task):
     assert "connector  trainable" in first.output and "wrote" in first.output
     again = run(*args, "-o", tmp_path / "r", "--steps", 2)
     assert again.exit_code == 1 and "--resume continues it" in again.output
+    assert again.output.strip().splitlines() == [f"Error: {tmp_path / 'r'} exists and is not empty (--resume continues it)"]
     changed = run(*args, "-o", tmp_path / "r", "--steps", 2, "--resume", "--lr", 0.5)
     assert changed.exit_code == 1 and "started with lr=0.001" in changed.output
     unknown = run("train", "micro-moe-llava", "--data", task, "--stage", "stage9", "-o", tmp_path / "u")
@@ -230,3 +231,8 @@ def test_a_spec_without_eos_is_refused_before_training(tmp_path, task):
     model = moebuild.build(moebuild.load_spec("micro-moe-llava", ["tokens.eos=null"]))
     with pytest.raises(TrainError, match="tokens.eos is null"):
         train(model, task, tmp_path / "run", Settings(stage="align", steps=1))
+    spec = tmp_path / "no-eos.yaml"
+    spec.write_text("base: micro-moe-llava\ntokens:\n  eos: null\n")
+    refused = run("train", spec, "--data", task, "--stage", "align", "-o", tmp_path / "cli")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1  # no stage table first
+    assert "tokens.eos is null" in refused.output and not (tmp_path / "cli").exists()
