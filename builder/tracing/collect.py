@@ -56,6 +56,7 @@ class GroupCounts:
     def to_dict(self) -> dict:
         kept = int(self.load.sum())
         rpv = self.rpv
+        sample = rpv.sample() if len(rpv) else None
         out = {
             "tokens": self.tokens,
             "load": self.load.tolist(),
@@ -67,8 +68,8 @@ class GroupCounts:
             "tail_share": self.tail / self.tokens if self.has_tail and self.tokens else None,
             "rpv": None if not len(rpv) else {
                 "mean": rpv.mean, "std": rpv.std, "min": rpv.min, "max": rpv.max,
-                "quantiles": dict(zip(("p50", "p90", "p99"), _quantiles(rpv.sample(), (0.5, 0.9, 0.99)))),
-                "quantile_sample": len(rpv.sample()),  # every token's value up to SAMPLE_SIZE
+                "quantiles": dict(zip(("p50", "p90", "p99"), _quantiles(sample, (0.5, 0.9, 0.99)))),
+                "quantile_sample": len(sample),  # every token's value up to SAMPLE_SIZE
             },
             "coactivation": self.coactivation.tolist(),
         }

@@ -42,7 +42,8 @@ class RunningSummary:
         if n == 0:
             return
         batch = values.double()
-        mean, m2 = float(batch.mean()), float((batch - batch.mean()).square().sum())
+        batch_mean = batch.mean()
+        mean, m2 = float(batch_mean), float((batch - batch_mean).square().sum())
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total
