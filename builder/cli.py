@@ -42,6 +42,16 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
+def _write_file(output: Path, write, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """moebuild.output.write_file, its refusals as one-line CLI errors."""
+    from moebuild.output import OutputError, write_file
+
+    try:
+        write_file(output, write, force, inputs)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else "(no message)"
@@ -153,7 +163,8 @@ def validate(specs: tuple[str, ...], overrides: tuple[str, ...]):
 @main.command()
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file instead of stdout.")
-def schema(output: Path | None):
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def schema(output: Path | None, force: bool):
     """Print the JSON Schema of a spec (every key, its type and description), for editors.
 
     With the YAML language server (VS Code's YAML extension, Neovim, Helix...), put this
@@ -174,7 +185,7 @@ def schema(output: Path | None):
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.write_text(text)
+        _write_file(output, lambda path: path.write_text(text), force)
         click.echo(f"wrote {output}", err=True)
 
 
@@ -280,8 +291,9 @@ def import_cmd(fmt: str, checkpoint: Path, output: Path, spec_name: str | None, 
     from moebuild.spec.loading import dump_yaml, load_spec
 
     if spec_only:
-        if output.exists() and not force:
-            raise click.ClickException(f"{output} exists (--force replaces it)")
+        if spec_name:
+            raise click.UsageError("--spec-only writes the spec the checkpoint's config.json describes; "
+                                   "it takes no --spec")
         from moebuild.convert.checkpoints import spec_of
         from moebuild.model.pretrained import CheckpointError
 
@@ -289,7 +301,8 @@ def import_cmd(fmt: str, checkpoint: Path, output: Path, spec_name: str | None, 
             spec = spec_of(fmt, checkpoint, name=output.stem)
         except CheckpointError as exc:
             raise click.ClickException(str(exc)) from None
-        output.write_text(dump_yaml(spec.model_dump(mode="json", exclude_defaults=True)))
+        text = dump_yaml(spec.model_dump(mode="json", exclude_defaults=True))
+        _write_file(output, lambda path: path.write_text(text), force, inputs=(checkpoint,))
         click.echo(f"wrote {output}")
         return
     spec = load_spec(spec_name) if spec_name else None
@@ -339,7 +352,8 @@ def export_cmd(fmt: str, model_dir: Path, output: Path, force: bool):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="File to draw to; its extension picks the format: .svg, .png, .dot (or .gv).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-def graph(spec: str, output: Path, overrides: tuple[str, ...]):
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def graph(spec: str, output: Path, overrides: tuple[str, ...], force: bool):
     """Draw SPEC's routing graph: token groups -> routers -> expert pools, with the balancing terms
     (dashed) on the routes they cover, titled with the decoder layers that are MoE layers.
 
@@ -355,8 +369,10 @@ def graph(spec: str, output: Path, overrides: tuple[str, ...]):
 
     if output.suffix.lower() not in FORMATS:
         raise click.ClickException(f"cannot draw to {output}: the extension must be one of {', '.join(FORMATS)}")
+    parsed = load_spec(spec, overrides)
+    inputs = (Path(spec),) if Path(spec).is_file() else ()
     try:
-        write_graph(load_spec(spec, overrides), output)
+        _write_file(output, lambda path: write_graph(parsed, path), force, inputs)
     except (ValueError, OSError) as exc:
         raise click.ClickException(f"{spec}: {exc}") from None
     click.echo(f"wrote {output}", err=True)
@@ -572,8 +588,9 @@ def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | N
         prompt = ""
     from moebuild.output import OutputError, check_output
 
+    inputs = tuple(Path(p) for p in (model, data, image) if p is not None and Path(p).exists())
     try:
-        check_output(output, force)
+        check_output(output, force, inputs)
     except OutputError as exc:
         raise click.ClickException(str(exc)) from None
     from moebuild.tracing.inputs import InputError, Sample, load_image, read_jsonl
@@ -618,7 +635,7 @@ def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | N
                 trace(built, batch, into=result)
                 pictures += batch_images
                 bar.update(batch["input_ids"].shape[0])
-        write_trace_dir(result, pictures, layer, output, force)
+        write_trace_dir(result, pictures, layer, output, force, inputs)
     except (InputError, OutputError, ValueError) as exc:
         raise click.ClickException(_first_line(exc)) from None
     click.echo(f"traced {len(samples)} sample(s), {len(indices)} MoE layer(s); wrote {output} (open report.html)")

@@ -3,11 +3,14 @@
 A model is written into a hidden staging directory beside the output (`.NAME.moebuild-staging-PID-*`),
 which gets a marker file, `.moebuild.json`, listing every file moebuild wrote, and is renamed onto
 the output at the end. `force` replaces an existing output only when its marker says moebuild
-wrote everything in it; `/`, the home directory and the current directory (or any directory
-holding it) are never a target. The final check and rename happen under a lock on the parent
+wrote everything in it, and never when it is, holds or lies inside one of the command's inputs;
+`/`, the home directory and the current directory (or any directory holding it) are never a target. The final check and rename happen under a lock on the parent
 directory, so an output that appeared during the build is never replaced, and the rename itself
 cannot replace a non-empty directory. A killed run leaves only its staging directory, which the
 next run to the same output removes once its process is gone.
+
+A single file (a schema, a drawing, a spec) is written the same way: `write_file` refuses an
+existing file without `force` and renames a finished temporary file onto the output.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 MARKER = ".moebuild.json"
@@ -30,9 +33,11 @@ class OutputError(Exception):
     """An output directory moebuild must not write to; `str()` is one line."""
 
 
-def check_output(output: Path, force: bool) -> None:
-    """Raise OutputError unless `output` may receive a model (checked again before the final rename)."""
+def check_output(output: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Raise OutputError unless `output` may receive a model (checked again before the final rename).
+    `inputs` are the paths the command reads; replacing any of them, or what holds them, is refused."""
     target = output.absolute()
+    _check_parent(output)
     resolved = target.resolve()
     for protected, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory")):
         if resolved == protected.resolve():
@@ -48,6 +53,7 @@ def check_output(output: Path, force: bool) -> None:
         raise OutputError(f"{output} exists and is not a directory")
     if not any(target.iterdir()):
         return
+    _check_not_an_input(output, inputs)
     if not force:
         raise OutputError(f"{output} exists and is not empty (--force replaces a model moebuild wrote there)")
     foreign = files_not_written_by_moebuild(target)
@@ -55,6 +61,44 @@ def check_output(output: Path, force: bool) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(f"--force replaces only what moebuild wrote, and {output} also holds {shown}; "
                           "move them away or choose another output")
+
+
+def _check_parent(output: Path) -> None:
+    """The nearest existing directory above `output` must be a directory, so the output can be made."""
+    for parent in output.absolute().parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {output}: {parent} is a file, not a directory")
+            return
+
+
+def _check_not_an_input(output: Path, inputs: Iterable[Path]) -> None:
+    resolved = output.absolute().resolve()
+    for path in inputs:
+        read = Path(path).absolute().resolve()
+        if read == resolved or resolved in read.parents or read in resolved.parents:
+            relation = ("is" if read == resolved else "holds" if resolved in read.parents else "lies inside")
+            raise OutputError(f"refusing to replace {output}: it {relation} the input {path}; choose another output")
+
+
+def write_file(output: Path, write: Callable[[Path], None], force: bool = False, inputs: Iterable[Path] = ()) -> None:
+    """Call `write(path)` on a temporary file beside `output` (same extension), then rename it onto
+    `output`: an existing file is replaced only with `force`, and never one of `inputs`."""
+    target = output.absolute()
+    _check_parent(output)
+    if target.is_symlink() or target.is_dir():
+        raise OutputError(f"{output} is a {'symbolic link' if target.is_symlink() else 'directory'}; give a file")
+    if target.exists():
+        _check_not_an_input(output, inputs)
+        if not force:
+            raise OutputError(f"{output} exists (--force replaces it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".{target.stem}.moebuild-staging-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def files_not_written_by_moebuild(directory: Path) -> list[str]:
@@ -71,9 +115,12 @@ def files_not_written_by_moebuild(directory: Path) -> list[str]:
     return sorted(p for p in present if p not in written and (p not in holding or (directory / p).is_symlink()))
 
 
-def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = False) -> None:
-    """Call `write(directory)` on a fresh staging directory, then move it to `output` safely."""
-    check_output(output, force)
+def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = False,
+                    inputs: Iterable[Path] = ()) -> None:
+    """Call `write(directory)` on a fresh staging directory, then move it to `output` safely;
+    `inputs` as in `check_output`."""
+    inputs = tuple(inputs)
+    check_output(output, force, inputs)
     parent = output.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(parent, output.name)
@@ -83,15 +130,15 @@ def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = F
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
         (staging / MARKER).write_text(json.dumps({"written_by": "moebuild", "files": files}, indent=1) + "\n")
         with _locked(parent):
-            _move_into_place(staging, output, force)
+            _move_into_place(staging, output, force, inputs)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
 
 
-def _move_into_place(staging: Path, output: Path, force: bool) -> None:
+def _move_into_place(staging: Path, output: Path, force: bool, inputs: Iterable[Path]) -> None:
     try:
-        check_output(output, force)  # anything may have appeared while the model was built
+        check_output(output, force, inputs)  # anything may have appeared while the model was built
     except OutputError as exc:
         raise OutputError(f"{exc} (it changed while the model was being built)") from None
     target = output.absolute()

@@ -114,6 +114,16 @@ def test_schema_validates_every_preset(tmp_path):
     assert list(validator.iter_errors({"moebuild_version": 1, "name": "x", "vison": {}}))  # not a no-op
 
 
+def test_schema_replaces_a_file_only_with_force(tmp_path):
+    out = tmp_path / "moebuild.schema.json"
+    out.write_text("my notes")
+    result = run("schema", "-o", str(out))
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {out} exists (--force replaces it)"
+    assert out.read_text() == "my notes"
+    assert run("schema", "-o", str(out), "--force").exit_code == 0
+    assert json.loads(out.read_text())["title"] == "moebuild spec"
+
+
 @pytest.mark.parametrize("verb", ["ls", "show", "validate", "schema"])
 def test_every_verb_has_help_with_examples(verb):
     result = run(verb, "--help")

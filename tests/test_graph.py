@@ -80,6 +80,19 @@ def test_cli_writes_svg_that_parses_and_png_and_dot(tmp_path):
     assert (tmp_path / "g.dot").read_text() == dot_of("micro-ltdr")
 
 
+def test_an_existing_drawing_or_the_spec_itself_is_not_overwritten(tmp_path):
+    out = tmp_path / "routing.svg"
+    out.write_text("mine")
+    result = CliRunner().invoke(main, ["graph", "micro-ltdr", "-o", str(out)])
+    assert result.exit_code == 1 and "routing.svg exists (--force replaces it)" in result.output
+    assert out.read_text() == "mine"
+    spec = tmp_path / "spec.dot"  # a YAML spec whose name happens to end in a drawing's extension
+    spec.write_text("base: micro-ltdr\n")
+    result = CliRunner().invoke(main, ["graph", str(spec), "-o", str(spec), "--force"])
+    assert result.exit_code == 1 and "it is the input" in result.output
+    assert spec.read_text() == "base: micro-ltdr\n"
+
+
 def test_bad_extension_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["graph", "micro-ltdr", "-o", str(tmp_path / "g.jpg")])
     assert result.exit_code == 1

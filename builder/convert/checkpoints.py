@@ -69,10 +69,11 @@ def load_foreign(fmt: str, checkpoint_dir: Path, spec: ModelSpec | None = None):
 
 def import_checkpoint(fmt: str, checkpoint_dir, output, *, spec: ModelSpec | None = None, force: bool = False) -> ModelSpec:
     """Write a foreign checkpoint directory as a moebuild model directory; returns its spec."""
-    from moebuild.output import write_model_dir
+    from moebuild.output import check_output, write_model_dir
 
+    check_output(Path(output), force, (Path(checkpoint_dir),))  # before reading gigabytes
     spec, model = load_foreign(fmt, Path(checkpoint_dir), spec)
-    write_model_dir(Path(output), model.save_pretrained, force=force)
+    write_model_dir(Path(output), model.save_pretrained, force=force, inputs=(Path(checkpoint_dir),))
     return spec
 
 
@@ -81,8 +82,9 @@ def export_checkpoint(fmt: str, model_dir, output, *, force: bool = False) -> li
     returns the parts of the spec the foreign config does not carry (training-only terms)."""
     from safetensors.torch import save_file
 
-    from moebuild.output import write_model_dir
+    from moebuild.output import check_output, write_model_dir
 
+    check_output(Path(output), force, (Path(model_dir),))
     module = format_module(fmt)
     ours = read_config(Path(model_dir))
     if ours.get("model_type") != "moebuild" or "spec" not in ours:
@@ -96,5 +98,5 @@ def export_checkpoint(fmt: str, model_dir, output, *, force: bool = False) -> li
         save_file({key: value.contiguous() for key, value in state.items()}, directory / "model.safetensors",
                   metadata={"format": "pt"})
 
-    write_model_dir(Path(output), write, force=force)
+    write_model_dir(Path(output), write, force=force, inputs=(Path(model_dir),))
     return module.untranslated(spec) if hasattr(module, "untranslated") else []

@@ -51,9 +51,10 @@ def render_html(title: str, figures: list[tuple[str, str]], directory: Path) -> 
     return "\n".join(parts) + "\n"
 
 
-def write_trace_dir(trace, images, layer: int | None, output: Path, force: bool = False) -> None:
+def write_trace_dir(trace, images, layer: int | None, output: Path, force: bool = False, inputs=()) -> None:
     """Write routing.json, the PNGs and report.html to `output`, staged and renamed into place
-    (moebuild.output: never a half-written directory, --force replaces only what moebuild wrote)."""
+    (moebuild.output: never a half-written directory, --force replaces only what moebuild wrote,
+    and never the `inputs` the trace read)."""
     from moebuild.output import write_model_dir
 
     def write(directory: Path) -> None:
@@ -62,4 +63,4 @@ def write_trace_dir(trace, images, layer: int | None, output: Path, force: bool 
         title = f"Routing of {trace.model_name or 'the model'}"
         (directory / "report.html").write_text(render_html(title, figures, directory))
 
-    write_model_dir(output, write, force)
+    write_model_dir(output, write, force, inputs)

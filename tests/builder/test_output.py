@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from moebuild.output import MARKER, OutputError, check_output, write_model_dir
+from moebuild.output import MARKER, OutputError, check_output, write_file, write_model_dir
 
 
 def write_two_files(directory: Path) -> None:
@@ -160,3 +160,63 @@ def test_a_file_or_a_link_is_not_a_model_directory(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "f")
     with pytest.raises(OutputError, match="symbolic link"):
         check_output(tmp_path / "link", force=True)
+
+
+@pytest.mark.parametrize("relation, output, read", [
+    ("is", "m", "m"), ("holds", "runs", "runs/m"), ("lies inside", "m/sub", "m")])
+def test_force_never_replaces_an_input_or_what_holds_it(tmp_path, relation, output, read):
+    write_model_dir(tmp_path / output, write_two_files)
+    if not (tmp_path / read).exists():
+        write_model_dir(tmp_path / read, write_two_files, force=True)
+    elif relation == "lies inside":
+        write_model_dir(tmp_path / output, write_two_files, force=True)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError, match=f"refusing to replace .*: it {relation} the input .*{read}; choose another"):
+        write_model_dir(tmp_path / output, write_two_files, force=True, inputs=[tmp_path / read])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_new_output_inside_an_input_is_allowed(tmp_path):
+    write_model_dir(tmp_path / "m", write_two_files)
+    write_model_dir(tmp_path / "m" / "trace", write_two_files, inputs=[tmp_path / "m"])
+    assert (tmp_path / "m" / "trace" / "config.json").is_file()
+
+
+def test_write_file_replaces_only_with_force_and_never_an_input(tmp_path):
+    out = tmp_path / "a" / "schema.json"
+    write_file(out, lambda path: path.write_text("one"))
+    assert out.read_text() == "one" and sorted(p.name for p in out.parent.iterdir()) == ["schema.json"]
+    with pytest.raises(OutputError, match="schema.json exists \\(--force replaces it\\)"):
+        write_file(out, lambda path: path.write_text("two"))
+    with pytest.raises(OutputError, match="it is the input"):
+        write_file(out, lambda path: path.write_text("two"), force=True, inputs=[out])
+    with pytest.raises(OutputError, match="it lies inside the input"):
+        write_file(out, lambda path: path.write_text("two"), force=True, inputs=[out.parent])
+    assert out.read_text() == "one"
+    write_file(out, lambda path: path.write_text("two"), force=True)
+    assert out.read_text() == "two"
+
+
+def test_write_file_keeps_the_old_file_when_writing_fails(tmp_path):
+    out = tmp_path / "g.svg"
+    out.write_text("old")
+
+    def fail(path: Path) -> None:
+        assert path.suffix == ".svg" and path.parent == tmp_path  # the format follows the extension
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_file(out, fail, force=True)
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["g.svg"]
+
+
+@pytest.mark.parametrize("writer", ["file", "directory"])
+def test_an_output_under_a_file_is_one_clear_refusal(tmp_path, writer):
+    (tmp_path / "notes").write_text("x")
+    with pytest.raises(OutputError, match=f"cannot write .*: {tmp_path / 'notes'} is a file, not a directory"):
+        if writer == "file":
+            write_file(tmp_path / "notes" / "deep" / "s.json", lambda path: path.write_text("{}"))
+        else:
+            write_model_dir(tmp_path / "notes" / "m", write_two_files)
+    assert (tmp_path / "notes").read_text() == "x"

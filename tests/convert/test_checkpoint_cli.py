@@ -58,6 +58,21 @@ def test_spec_only_writes_a_spec_that_loads(tmp_path):
     assert [r.router.type for r in spec.moe.routes] == ["topk", "dense"]
 
 
+def test_import_and_export_never_replace_their_input(tmp_path):
+    saved_reference(tmp_path / "hf")
+    config = (tmp_path / "hf" / "config.json").read_text()
+    assert run("import", "hf", tmp_path / "hf", "-o", tmp_path / "ours").exit_code == 0
+    for argv in (["import", "hf", tmp_path / "hf", "-o", tmp_path / "hf"],
+                 ["import", "hf", tmp_path / "hf", "--spec-only", "-o", tmp_path / "hf" / "config.json"],
+                 ["export", "hf", tmp_path / "ours", "-o", tmp_path / "ours"]):
+        result = run(*argv, "--force")
+        assert result.exit_code == 1 and "refusing to replace" in result.output, argv
+    assert (tmp_path / "hf" / "config.json").read_text() == config
+    assert moebuild.MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "ours") is not None
+    result = run("import", "hf", tmp_path / "hf", "--spec-only", "--spec", "micro-ltdr", "-o", tmp_path / "q.yaml")
+    assert result.exit_code == 2 and "takes no --spec" in result.output
+
+
 def test_pickles_and_bad_directories_are_refused_in_one_line(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(json.dumps(CONFIG.to_dict()))

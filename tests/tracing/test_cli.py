@@ -59,3 +59,14 @@ def test_trace_refuses_bad_input_cleanly(tmp_path):
     (tmp_path / "full" / "mine.txt").write_text("x")
     result = runner.invoke(main, ["trace", "micro-ltdr", "--prompt", "hi", "-o", str(tmp_path / "full")])
     assert result.exit_code == 1 and "not empty" in result.output
+
+
+def test_trace_never_replaces_the_model_it_reads(tmp_path):
+    model = tmp_path / "m"
+    assert CliRunner().invoke(main, ["compile", "micro-ltdr", "-o", str(model)]).exit_code == 0
+    before = sorted(p.name for p in model.iterdir())
+    for output in (model, tmp_path):
+        result = CliRunner().invoke(main, ["trace", str(model), "--prompt", "hi", "-o", str(output), "--force"])
+        assert result.exit_code == 1, result.output
+        assert "refusing to replace" in result.output and "the input" in result.output
+    assert sorted(p.name for p in model.iterdir()) == before
