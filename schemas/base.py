@@ -1,7 +1,9 @@
 """Shared pieces of the spec models: the strict base class and the cross-field error.
 
-Every node of the spec subclasses `SpecModel`: unknown keys are errors (`extra="forbid"`) and the
-attribute docstring under each field becomes its description in the JSON Schema.
+Every node of the spec subclasses `SpecModel`: unknown keys are errors (`extra="forbid"`), values
+are never coerced (`strict=True`: `true`, `'128'` and `2.0` are not integers, `"yes"` is not a bool;
+a number still takes an integer, `layer_norm_eps: 1`), and the attribute docstring under each field becomes its
+description in the JSON Schema.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gel
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, validate_default=True,
                               allow_inf_nan=False)
 
 

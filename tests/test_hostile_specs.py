@@ -70,6 +70,8 @@ CASES = {  # name -> (file content, or None for a special file; the error the li
                           r"capacity\.min: must be <= 1048576"),
     "context hops 1e9": (BASE + "moe: {routes: [{pool: experts, router: {type: context, top_k: 2, hops: 1000000000}}]}\n",
                          r"hops: must be <= 16"),
+    "quoted integer": (BASE + "language: {hidden_size: '128'}\n",
+                       r"spec\.yaml:2:25: error: language\.hidden_size: expected an integer, got '128'"),
     "infinite float": (BASE + "language: {rope_theta: .inf}\n", r"language\.rope_theta"),
     "missing pretrained": (BASE + "language: {pretrained: /no/such/dir}\n",
                            r"spec\.yaml:2:24: error: language\.pretrained: '/no/such/dir': no such directory"),

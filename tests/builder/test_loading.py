@@ -252,6 +252,32 @@ def test_plain_union_reports_the_member_that_fits(tmp_path):
     assert lines == ["<override 'moe.layers=[0, x]'>:1:16: error: moe.layers[1]: expected an integer, got 'x'"]
 
 
+@pytest.mark.parametrize("override, col, message", [
+    ("language.num_layers=true", 21, "language.num_layers: expected an integer, got true"),
+    ("language.num_layers=2.0", 21, "language.num_layers: expected an integer, got 2.0"),
+    ("language.num_layers=1e0", 21, "language.num_layers: expected an integer, got 1.0"),
+    ("language.hidden_size='128'", 22, "language.hidden_size: expected an integer, got '128'"),
+    ("language.qkv_bias=yes", 19, "language.qkv_bias: expected true or false, got 'yes'"),
+    ("tokens.bos=false", 12, "tokens.bos: expected an integer, got false"),
+    ("moe.layers=[0, true]", 16, "moe.layers[1]: expected an integer, got true"),
+    ("vision.layer_norm_eps='1e-5'", 23, "vision.layer_norm_eps: expected a number, got '1e-5'"),
+])
+def test_values_are_not_coerced(override, col, message):
+    assert errors("micro-moe-llava", [override]) == [f"<override {override!r}>:1:{col}: error: {message}"]
+
+
+def test_a_number_takes_an_integer_and_an_interpolated_integer_stays_one(tmp_path):
+    spec = write(tmp_path / "s.yaml", """\
+        base: micro-moe-llava
+        vision: {layer_norm_eps: 1, hidden_size: "${language.num_heads}${language.num_heads}"}
+        moe: {pools: {experts: {intermediate_size: "${language.intermediate_size}"}}}
+    """)
+    (line,) = errors(spec)
+    assert line == f"{spec}:2:42: error: vision.hidden_size: expected an integer, got '44'"  # joined text is a string
+    loaded = load_spec(spec, ["vision.hidden_size=64"])
+    assert loaded.vision.layer_norm_eps == 1.0 and loaded.moe.pools["experts"].intermediate_size == 256
+
+
 def test_change_a_key_left_to_its_default():
     data = resolve_spec("micro-moe-llava", ["moe.dispatch.backend=torch", "moe.routes.0.router.eval_noise=false"])
     assert data["moe"]["dispatch"] == {"backend": "torch"}
