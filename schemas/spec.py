@@ -172,8 +172,13 @@ def _router_fits_pool(router, pool_name: str, num_experts: int, at: Path) -> lis
 def _layer_rules(moe: MoESpec, num_layers: int) -> list[tuple[Path, str]]:
     layers = moe.layers
     if isinstance(layers, list):
-        return [(("moe", "layers", i), f"layer {index} is past language.num_layers ({num_layers})")
-                for i, index in enumerate(layers) if index >= num_layers]
+        problems, first = [], {}
+        for i, index in enumerate(layers):
+            if index >= num_layers:
+                problems.append((("moe", "layers", i), f"layer {index} is past language.num_layers ({num_layers})"))
+            elif first.setdefault(index, i) < i:
+                problems.append((("moe", "layers", i), f"layer {index} is already listed at moe.layers[{first[index]}]"))
+        return problems
     if not isinstance(layers, str) and layers.first_k_dense >= num_layers:
         return [(("moe", "layers", "first_k_dense"), f"must be < language.num_layers ({num_layers}), got {layers.first_k_dense}")]
     return []

@@ -72,6 +72,8 @@ CASES = {  # name -> (file content, or None for a special file; the error the li
                          r"hops: must be <= 16"),
     "quoted integer": (BASE + "language: {hidden_size: '128'}\n",
                        r"spec\.yaml:2:25: error: language\.hidden_size: expected an integer, got '128'"),
+    "moe layer listed twice": (BASE + "moe: {layers: [0, 2, 0]}\n",
+                               r"spec\.yaml:2:22: error: moe\.layers\[2\]: layer 0 is already listed at moe\.layers\[0\]"),
     "infinite float": (BASE + "language: {rope_theta: .inf}\n", r"language\.rope_theta"),
     "missing pretrained": (BASE + "language: {pretrained: /no/such/dir}\n",
                            r"spec\.yaml:2:24: error: language\.pretrained: '/no/such/dir': no such directory"),

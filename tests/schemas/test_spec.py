@@ -81,6 +81,13 @@ def test_layer_index_past_num_layers():
     assert _problems(data) == [(("moe", "layers", 1), "layer 7 is past language.num_layers (4)")]
 
 
+def test_layer_index_listed_twice():
+    data = _edit(LLAVA, lambda d: d["moe"].update(layers=[2, 0, 2, 7, 7]))
+    assert _problems(data) == [(("moe", "layers", 2), "layer 2 is already listed at moe.layers[0]"),
+                               (("moe", "layers", 3), "layer 7 is past language.num_layers (4)"),
+                               (("moe", "layers", 4), "layer 7 is past language.num_layers (4)")]
+
+
 def test_first_k_dense_past_num_layers():
     data = _edit(DSVL2, lambda d: d["moe"].update(layers={"first_k_dense": 3}))
     assert _problems(data) == [(("moe", "layers", "first_k_dense"), "must be < language.num_layers (3), got 3")]
