@@ -133,6 +133,7 @@ def test_hostile_spec_is_one_located_line_and_exit_1(case, workdir):
     ("name=&a [*a]", r"name\[0\]: an alias here refers to a node that contains it"),
     ("name=!!python/object/apply:os.system [ls]", r"unknown tag '!!python/object/apply:os\.system'"),
     ("+" + ".".join(["a"] * 100) + "=1", r"a key nests at most 32 levels"),
+    ("base=micro-ltdr", r"base: cannot be set by an override .*'base: micro-ltdr' instead"),
 ])
 def test_hostile_overrides_are_one_line_and_exit_1(value, expected, tmp_path):
     result = run("show", "micro-moe-llava", "--set", value, cwd=tmp_path)

@@ -7,6 +7,7 @@ into the existing mapping under the same rules as ``base:``. Every node an overr
 positioned at ``<override 'a.b=1'>``, so a later error names the override.
 A key the schema declares counts as existing even where the spec leaves it to its default,
 so ``moe.dispatch.backend=torch`` works on a spec that never wrote ``dispatch``.
+``base`` is refused: the base chain is merged before overrides apply, so changing it would do nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: li
         except _BadOverride as bad:
             problems.append(bad.diagnostic)
             continue
+        if override.path[0] == "base":
+            problems.append(_base_refused(override))
+            continue
         _apply(root, override, problems, lambda path: declared(root, path))
 
 
@@ -100,6 +104,14 @@ def _parse_key(key: str, blank: Override) -> SpecPath:
     if len(path) > MAX_DEPTH:
         raise _BadOverride(blank.error(f"a key nests at most {MAX_DEPTH} levels"))
     return tuple(path)
+
+
+def _base_refused(ov: Override) -> Diagnostic:
+    why = "the base chain is merged before overrides apply"
+    name = ov.value.value if ov.value is not None and ov.path == ("base",) else None
+    if isinstance(name, str) and name:
+        return ov.error(f"cannot be set by an override ({why}); write a spec file with 'base: {name}' instead")
+    return ov.error(f"cannot be changed by an override ({why}); edit the spec file's 'base:' line instead", ("base",))
 
 
 def _apply(root: Node, ov: Override, problems: list[Diagnostic], declared: Callable[[SpecPath], bool]) -> None:

@@ -171,6 +171,10 @@ def test_override_cross_field_error_names_the_override():
     ("~name=x", "name: '~key' deletes a key and takes no value"),
     ("name=!delete", "name: to delete a key write '~name'"),
     ("+moe.routes.2={pool: experts}", "moe.routes[2]: no item 2: the list has 1 items (a new one goes at 1)"),
+    *[(f"{op}base=micro-ltdr", "base: cannot be set by an override (the base chain is merged before overrides "
+                               "apply); write a spec file with 'base: micro-ltdr' instead") for op in ("", "+", "++")],
+    *[(text, "base: cannot be changed by an override (the base chain is merged before overrides apply); "
+             "edit the spec file's 'base:' line instead") for text in ("~base", "base=null", "base.x=1")],
 ])
 def test_bad_override(override, message):
     lines = errors("micro-moe-llava", [override])
