@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ from moebuild.spec.errors import SpecError
 _SET_HELP = ("Override a key, Hydra style; repeatable: a.b=1 (change), +a.b=1 (add), "
              "++a.b=1 (set either way), ~a.b (delete). Values are YAML: moe.layers=[0,2].")
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
+
+
+class _Finite(click.FloatRange):
+    """A FloatRange that also refuses nan (every comparison with nan is false, so the range lets it through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what every RNG here takes (the data order derives per-epoch seeds from it)
 
 
 class _Group(click.Group):
@@ -220,7 +234,7 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
 @click.option("--device", type=click.Choice(["cpu", "meta"]), default="cpu", show_default=True,
               help="meta: build without allocating, write config.json and spec.yaml only.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it holds a model moebuild wrote (and nothing else).")
 def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str, dtype: str, seed: int, force: bool):
@@ -434,11 +448,12 @@ def bench_moe_cmd(experts, top_k, hidden, intermediate, shared_experts, tokens, 
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimiser steps in all.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=_Finite(min=0, max=1, min_open=True), default=1e-3, show_default=True,
+              help="AdamW's learning rate, in (0, 1].")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order (and of a fresh model).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the data order (and of a fresh model).")
 @click.option("--image-folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
 def train(source: str, data: Path, stage: str | None, output: Path, steps: int, resume: bool, batch_size: int,
           lr: float, save_every: int, log_every: int, max_length: int, seed: int, image_folder: Path | None):
@@ -454,7 +469,7 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
                                  save_every=save_every, log_every=log_every, max_length=max_length)
     try:
         model = training.load_model(source, seed)
-        training.check(model.spec, output, settings, resume)  # refused before the stage's table is printed
+        training.check(model, output, settings, resume)  # refused before the stage's table is printed
         if stage is not None:
             click.echo(str(model.apply_stage(stage)))
         with click.progressbar(length=steps, label="training", show_pos=True,
@@ -566,7 +581,7 @@ def spec_json_schema() -> dict:
               help="Directory to write routing.json, the PNG figures and report.html to.")
 @click.option("--layer", type=int, help="Decoder layer of the patch maps (default: the first MoE layer).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation when MODEL is a spec.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the initialisation when MODEL is a spec.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if moebuild wrote everything in it.")
 def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | None, output: Path,
               layer: int | None, batch_size: int, seed: int, force: bool):
@@ -609,7 +624,9 @@ def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | N
 
         try:
             built = MoEVLMForConditionalGeneration.from_pretrained(model)
-        except (CheckpointError, OSError, ValueError) as exc:
+        except CheckpointError as exc:  # names the directory itself
+            raise click.ClickException(str(exc)) from None
+        except (OSError, ValueError) as exc:
             raise click.ClickException(f"{model}: {_first_line(exc)}") from None
     else:
         from moebuild.model.vlm import build

@@ -18,6 +18,9 @@ import torch
 from PIL import Image
 
 from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, encode_prompt, load_tokenizer
+from moebuild.schemas.base import did_you_mean
+
+KEYS = ("prompt", "image")
 
 
 class InputError(ValueError):
@@ -41,9 +44,11 @@ def load_image(path: Path) -> Image.Image:
 def read_jsonl(path: Path) -> list[Sample]:
     samples = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (one JSON object per line)") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -53,7 +58,13 @@ def read_jsonl(path: Path) -> list[Sample]:
             raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise InputError(f'{path}:{number}: each line needs a "prompt" string')
+        unknown = sorted(record.keys() - set(KEYS))
+        if unknown:
+            raise InputError(f"{path}:{number}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], KEYS)} "
+                             f"(a line holds {' and '.join(map(repr, KEYS))})")
         image = record.get("image")
+        if image is not None and not isinstance(image, str):
+            raise InputError(f'{path}:{number}: "image" must be a path (a string), not {type(image).__name__}')
         samples.append(Sample(record["prompt"], None if image is None else load_image(path.parent / image)))
     if not samples:
         raise InputError(f"{path}: no samples")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from moebuild.train.data import DataError, Encoder, encode_file
-from moebuild.train.loop import Run, Settings, TrainError, checkpoints
+from moebuild.train.loop import Run, Settings, TrainError, check_resumable, checkpoints
 
 __all__ = ["DataError", "Run", "Settings", "TrainError", "check", "load_model", "train"]
 
@@ -22,10 +22,10 @@ def load_model(source: str, seed: int = 0):
     return build(source, seed=seed)
 
 
-def check(spec, run_dir: str | Path, settings: Settings, resume: bool = False) -> list[Path]:
+def check(model, run_dir: str | Path, settings: Settings, resume: bool = False) -> list[Path]:
     """What `train` refuses before it touches anything (a TrainError), for a caller that prints
     before training starts; returns the run's checkpoints."""
-    run_dir = Path(run_dir)
+    run_dir, spec = Path(run_dir), model.spec
     found = checkpoints(run_dir)
     if resume and not found:
         raise TrainError(f"{run_dir}: no checkpoint to resume from (run without --resume to start)")
@@ -33,11 +33,18 @@ def check(spec, run_dir: str | Path, settings: Settings, resume: bool = False) -
         verb = "--resume continues it" if found else "choose an empty or new directory"
         raise TrainError(f"{run_dir} exists and is not empty ({verb})")
     stages = [s.name for s in spec.training.stages] if spec.training else []
-    if settings.stage is not None and settings.stage not in stages:
-        raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
+    if settings.stage is not None:
+        if settings.stage not in stages:
+            raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
+        try:
+            model.apply_stage(settings.stage)
+        except ValueError as exc:  # a trainable pattern that matches no parameter of the built model
+            raise TrainError(str(exc)) from None
     if spec.tokens.eos is None:
         raise TrainError(f"{spec.name}: tokens.eos is null, and training ends every answer with it (so the "
                          "model learns to stop); set tokens.eos")
+    if resume:
+        check_resumable(spec, run_dir, found[-1], settings)
     return found
 
 
@@ -50,7 +57,7 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     run_dir = Path(run_dir)
     model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
     spec = model.spec
-    found = check(spec, run_dir, settings, resume)
+    found = check(model, run_dir, settings, resume)
     try:
         tokenizer = load_tokenizer(spec)
     except ValueError as exc:
@@ -58,11 +65,19 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     processor = None if spec.text_only else build_processor(spec)
     encoder = Encoder(tokenizer, processor, spec.image_token_id, settings.max_length)
     examples = encode_file(Path(data), encoder, image_folder)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(model, examples, Path(data), run_dir, settings, tokenizer.pad_token_id)
-    if resume:
-        run.resume(found[-1])  # restores the RNG the run's router noise draws from
-    else:
-        torch.manual_seed(settings.seed)  # a fresh run's noise is a function of its seed, as on resume
-    run.train(progress)
+    try:
+        run = Run(model, examples, Path(data), run_dir, settings, tokenizer.pad_token_id)
+        if resume:
+            run.resume(found[-1])  # restores the RNG the run's router noise draws from
+        else:
+            torch.manual_seed(settings.seed)  # a fresh run's noise is a function of its seed, as on resume
+        run.train(progress)
+    except BaseException:
+        if not resume and not checkpoints(run_dir):  # nothing to resume: leave the directory as it was
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
     return run

@@ -17,9 +17,12 @@ import torch
 
 from moebuild.model.tokenizer import IMAGE_PLACEHOLDER as IMAGE
 from moebuild.model.tokenizer import encode_prompt
+from moebuild.schemas.base import did_you_mean
 
 IGNORE = -100
 ROLES = {"human": "USER: ", "gpt": ""}
+RECORD_KEYS = ("id", "image", "conversations")
+TURN_KEYS = ("from", "value")
 
 
 class DataError(ValueError):
@@ -34,19 +37,39 @@ class Example:
     grid: tuple[int, int] | None = None  # its tile grid, with a tiling tower
 
 
-def read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) pairs: `where` is `file: record i` in a JSON list, `file:line` in JSONL."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-    try:
-        records = json.loads(text) if not str(path).endswith(".jsonl") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(records, list) or not records:
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (a .json list or .jsonl of LLaVA records)") from None
+    if str(path).endswith(".jsonl"):
+        records = [(f"{path}:{number}", _json(line, f"{path}:{number}"))
+                   for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        listed = _json(text, str(path))
+        records = [(f"{path}: record {i}", r) for i, r in enumerate(listed)] if isinstance(listed, list) else None
+    if not records:
         raise DataError(f"{path}: expected a non-empty list of LLaVA records")
     return records
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _unknown_keys(record: dict, known: tuple[str, ...], where: str) -> None:
+    """A key close to a known one is a typo that would drop data silently (`imagee`): refused.
+    Other keys are the dataset's own metadata (`source`, `model`...) and are left alone."""
+    for key in record:
+        hint = did_you_mean(key, known) if key not in known else ""
+        if hint:
+            raise DataError(f"{where}: unknown key {key!r}{hint}")
 
 
 class Encoder:
@@ -58,8 +81,13 @@ class Encoder:
 
     def encode(self, record, where: str, image_root: Path) -> Example:
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
+            if isinstance(record, dict):
+                _unknown_keys(record, RECORD_KEYS, where)
             raise DataError(f"{where}: expected an object with a non-empty 'conversations' list")
+        _unknown_keys(record, RECORD_KEYS, where)
         image = record.get("image")
+        if image is not None and not isinstance(image, str):
+            raise DataError(f"{where}: 'image' must be a path (a string), not {type(image).__name__}")
         processed = self._pixels(image, where, image_root) if image is not None else None
         tokens_per_image = processed.num_image_tokens[0] if processed is not None else 0
         ids, labels = [], []
@@ -69,6 +97,8 @@ class Encoder:
         placeholders = 0
         for i, turn in enumerate(record["conversations"]):
             role, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
+            if isinstance(turn, dict):
+                _unknown_keys(turn, TURN_KEYS, f"{where}: conversations[{i}]")
             if role not in ROLES or not isinstance(value, str):
                 raise DataError(f"{where}: conversations[{i}]: expected {{'from': 'human' | 'gpt', 'value': text}}")
             if role == "human":
@@ -87,6 +117,10 @@ class Encoder:
             if image is not None and ids[self.max_length:].count(self.image_token_id):
                 raise DataError(f"{where}: {len(ids)} tokens; cutting to max_length {self.max_length} would cut the image")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE for label in labels):  # its loss would be 0/0: a NaN that ends the run
+            why = "no gpt turn" if all(t.get("from") != "gpt" for t in record["conversations"]) else \
+                f"cutting to max_length {self.max_length} leaves no answer token"
+            raise DataError(f"{where}: nothing to learn from ({why})")
         if processed is None:
             return Example(ids, labels, None)
         return Example(ids, labels, processed.pixel_values, processed.tile_grids[0] if processed.tile_grids else None)
@@ -114,7 +148,7 @@ class Encoder:
 
 def encode_file(path: Path, encoder: Encoder, image_folder: Path | None = None) -> list[Example]:
     root = Path(image_folder) if image_folder is not None else Path(path).parent
-    return [encoder.encode(r, f"{path}: record {i}", root) for i, r in enumerate(read_records(path))]
+    return [encoder.encode(record, where, root) for where, record in read_records(path)]
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -66,6 +66,41 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("checkpoint-*") if (p / STATE / "state.json").is_file())
 
 
+def check_resumable(spec, run_dir: Path, last: Path, settings: Settings) -> None:
+    """Refuse (TrainError) to continue from `last` unless it is the run's newest checkpoint, the run
+    has steps left and the spec and settings are the ones it was started with."""
+    newest = max((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir()), default=last)
+    if newest != last:
+        raise TrainError(f"{newest}: not a complete checkpoint (no {STATE}/state.json); remove it to resume "
+                         f"from {last.name}")
+    state = json.loads((last / STATE / "state.json").read_text())
+    ours = asdict(settings)
+    changed = [k for k in ("stage", "batch_size", "lr", "weight_decay", "max_grad_norm", "seed", "max_length")
+               if state["settings"][k] != ours[k]]
+    if changed:
+        was = ", ".join(f"{k}={state['settings'][k]!r}" for k in changed)
+        raise TrainError(f"{last}: the run was started with {was}; resume with the same settings")
+    if settings.steps <= state["step"]:
+        raise TrainError(f"{last}: the run is at step {state['step']} already, and --steps counts all the run's "
+                         f"steps; give more than {state['step']}")
+    saved = type(spec).model_validate(json.loads((last / "config.json").read_text())["spec"])
+    differs = _differences(saved.model_dump(mode="json"), spec.model_dump(mode="json"))
+    if differs:
+        shown = ", ".join(differs[:3]) + (f" and {len(differs) - 3} more" if len(differs) > 3 else "")
+        raise TrainError(f"{last}: the spec differs from the one the run was started with ({shown}); "
+                         "resume with the same spec")
+
+
+def _differences(a, b, path: str = "") -> list[str]:
+    """Dotted key paths where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(a.keys() | b.keys(), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "the whole spec"]
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -125,13 +160,8 @@ class Run:
 
     def resume(self, last: Path) -> None:
         """Continue from checkpoint `last` (the run's latest, `checkpoints(run_dir)[-1]`)."""
+        check_resumable(self.model.spec, self.run_dir, last, self.settings)
         state = json.loads((last / STATE / "state.json").read_text())
-        ours = asdict(self.settings)
-        changed = [k for k in ("stage", "batch_size", "lr", "weight_decay", "max_grad_norm", "seed", "max_length")
-                   if state["settings"][k] != ours[k]]
-        if changed:
-            was = ", ".join(f"{k}={state['settings'][k]!r}" for k in changed)
-            raise TrainError(f"{last}: the run was started with {was}; resume with the same settings")
         if state["data_sha256"] != self.data_digest:
             raise TrainError(f"{last}: the training data changed since the run started")
         from moebuild.model.vlm import MoEVLMForConditionalGeneration

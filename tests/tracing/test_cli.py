@@ -70,3 +70,15 @@ def test_trace_never_replaces_the_model_it_reads(tmp_path):
         assert result.exit_code == 1, result.output
         assert "refusing to replace" in result.output and "the input" in result.output
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_trace_data_lines_with_an_unknown_key_or_bytes_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"prompt": "x", "imagee": "a.png"}\n')
+    result = CliRunner().invoke(main, ["trace", "micro-ltdr", "--data", str(bad), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert result.output.strip() == (f"Error: {bad}:2: unknown key 'imagee'; did you mean 'image'? "
+                                     "(a line holds 'prompt' and 'image')")
+    bad.write_bytes(b"\xff\xfe{")
+    result = CliRunner().invoke(main, ["trace", "micro-ltdr", "--data", str(bad), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "not UTF-8 text" in result.output

@@ -236,3 +236,93 @@ def test_a_spec_without_eos_is_refused_before_training(tmp_path, task):
     refused = run("train", spec, "--data", task, "--stage", "align", "-o", tmp_path / "cli")
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1  # no stage table first
     assert "tokens.eos is null" in refused.output and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("no-answer.json", [{"conversations": [{"from": "human", "value": "hi"}]}],
+     r"no-answer.json: record 0: nothing to learn from \(no gpt turn\)"),
+    ("typo.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+                    {"imagee": "a.png", "conversations": []}],
+     r"typo.jsonl:2: unknown key 'imagee'; did you mean 'image'\?"),
+    ("turn.json", [{"conversations": [{"from": "human", "valeu": "hi"}]}],
+     r"record 0: conversations\[0\]: unknown key 'valeu'; did you mean 'value'\?"),
+    ("image.json", [{"image": 3, "conversations": [{"from": "human", "value": "<image>"}]}],
+     r"record 0: 'image' must be a path \(a string\), not int"),
+    ("broken.jsonl", "{}\n\n{oops\n", r"broken.jsonl:3: not valid JSON"),
+    ("binary.json", b"\xff\xfe\x00[", r"binary.json: not UTF-8 text")])
+def test_bad_records_are_named_by_record_or_line(tmp_path, name, text, says):
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif isinstance(text, str):
+        path.write_text(text)
+    else:
+        path.write_text("\n".join(map(json.dumps, text)) if name.endswith(".jsonl") else json.dumps(text))
+    model = moebuild.build("micro-moe-llava")
+    with pytest.raises(DataError, match=says):
+        train(model, path, tmp_path / "run", Settings(stage="align", steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_answer_cut_by_max_length_is_refused(tmp_path):
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a long question " * 8},
+                                                   {"from": "gpt", "value": "x"}]}]))
+    with pytest.raises(DataError, match="cutting to max_length 16 leaves no answer token"):
+        train("micro-moe-llava", path, tmp_path / "run", Settings(stage="align", steps=1, max_length=16))
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, task):
+    def interrupt(step, loss):
+        raise KeyboardInterrupt
+
+    for run_dir in (tmp_path / "new", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(KeyboardInterrupt):
+            train("micro-moe-llava", task, run_dir, Settings(stage="align", steps=3, batch_size=2, log_every=1),
+                  progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+    rerun = train("micro-moe-llava", task, tmp_path / "new", Settings(stage="align", steps=1, batch_size=2))
+    assert rerun.step == 1  # the same command runs again: nothing was left to refuse
+
+
+def test_resume_refuses_another_spec_no_steps_left_and_an_incomplete_checkpoint(tmp_path, task):
+    settings = Settings(stage="align", steps=1, batch_size=2)
+    train("micro-moe-llava", task, tmp_path / "r", settings)
+    with pytest.raises(TrainError, match="at step 1 already, and --steps counts all the run's steps; give more than 1"):
+        train("micro-moe-llava", task, tmp_path / "r", settings, resume=True)
+    more = Settings(stage="align", steps=2, batch_size=2)
+    other = moebuild.build(moebuild.load_spec("micro-moe-llava", ["moe.balancing.0.coef=0.5"]))
+    with pytest.raises(TrainError, match=r"the spec differs from the one the run was started with \(moe.balancing\[0\].coef\)"):
+        train(other, task, tmp_path / "r", more, resume=True)
+    with pytest.raises(TrainError, match=r"the spec differs .*\(description, moe.balancing\[0\].tokens, .*and \d+ more\)"):
+        train("micro-ltdr", task, tmp_path / "r", more, resume=True)  # not a raw state-dict error
+    (tmp_path / "r" / "checkpoint-000002").mkdir()
+    with pytest.raises(TrainError, match="checkpoint-000002: not a complete checkpoint .*resume from checkpoint-000001"):
+        train("micro-moe-llava", task, tmp_path / "r", more, resume=True)
+
+
+def test_a_trainable_pattern_that_matches_nothing_is_refused_before_training(tmp_path, task):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: micro-moe-llava\ntraining:\n  stages:\n    - name: align\n"
+                    "      trainable: [language.model.layerz.*]\n")
+    refused = run("train", spec, "--data", task, "--stage", "align", "-o", tmp_path / "r")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "language.model.layerz.* matches no parameter" in refused.output and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--lr", "nan", "'nan' is not a number"), ("--lr", "2", "not in the range 0<x<=1"),
+    ("--seed", str(2**64), "not in the range 0<=x<=4294967295")])
+def test_numbers_out_of_range_are_usage_errors(tmp_path, task, option, value, says):
+    refused = run("train", "micro-moe-llava", "--data", task, "-o", tmp_path / "r", option, value)
+    assert refused.exit_code == 2 and says in refused.output and not (tmp_path / "r").exists()
+
+
+def test_a_directory_of_another_system_is_named_not_loaded(tmp_path, task):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    refused = run("train", tmp_path / "llama", "--data", task, "-o", tmp_path / "r")
+    assert refused.exit_code == 1
+    assert refused.output.strip() == (f"Error: {tmp_path / 'llama'}: not a moebuild model directory (a 'llama' "
+                                      "checkpoint; `moebuild import` converts released checkpoints)")
