@@ -10,7 +10,7 @@ import json
 from importlib import import_module
 from pathlib import Path
 
-from moebuild.model.pretrained import CheckpointError, read_safetensors_dir
+from moebuild.model.pretrained import CheckpointError, read_safetensors_dir, validated_spec
 from moebuild.schemas import ModelSpec
 
 FORMATS = {  # format name -> module; LTDR checkpoints use MoE-LLaVA's naming
@@ -37,11 +37,14 @@ def read_config(directory: Path) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except OSError:
         raise CheckpointError(f"{path}: no config.json (a checkpoint directory holds config.json and safetensors)") from None
     except ValueError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def spec_of(fmt: str, checkpoint_dir: Path, name: str | None = None) -> ModelSpec:
@@ -52,8 +55,16 @@ def spec_of(fmt: str, checkpoint_dir: Path, name: str | None = None) -> ModelSpe
         path = Path(checkpoint_dir) / filename
         if path.is_file() and key not in config:
             config[key] = _read_json(path)
-    data = module.spec_from_config(config, name=name or Path(checkpoint_dir).name)
-    return ModelSpec.model_validate(data)
+    where = Path(checkpoint_dir) / "config.json"
+    try:
+        data = module.spec_from_config(config, name=name or Path(checkpoint_dir).name)
+    except CheckpointError:
+        raise
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: no {exc.args[0]!r}, which a {fmt} config has") from None
+    except (TypeError, AttributeError, ValueError) as exc:  # a key of the wrong type or shape
+        raise CheckpointError(f"{where}: not a {fmt} config this moebuild reads ({type(exc).__name__}: {exc})") from None
+    return validated_spec(data, str(where))
 
 
 def load_foreign(fmt: str, checkpoint_dir: Path, spec: ModelSpec | None = None):
@@ -89,7 +100,7 @@ def export_checkpoint(fmt: str, model_dir, output, *, force: bool = False) -> li
     ours = read_config(Path(model_dir))
     if ours.get("model_type") != "moebuild" or "spec" not in ours:
         raise CheckpointError(f"{model_dir}: not a moebuild model directory (its config.json has no moebuild spec)")
-    spec = ModelSpec.model_validate(ours["spec"])
+    spec = validated_spec(ours["spec"], str(Path(model_dir) / "config.json"))
     state = read_safetensors_dir(model_dir)  # the files as written: no model is built
     config, state = module.from_moebuild(state, spec)
 

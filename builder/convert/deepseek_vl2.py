@@ -80,6 +80,9 @@ def _with_defaults(section, defaults: dict) -> dict:
 
 def spec_from_config(config: dict, *, name: str) -> dict:
     """The spec (plain dict) of a DeepSeek-VL2 config.json."""
+    if config.get("model_type", "deepseek_vl_v2") != "deepseek_vl_v2":
+        raise _refuse(f"model_type {config['model_type']!r} is not DeepSeek-VL2's (deepseek_vl_v2); "
+                      "transformers' own MoE models import as `moebuild import hf`")
     top = _with_defaults(config, TOP_DEFAULTS)
     vision = _with_defaults(config.get("vision_config"), VISION_DEFAULTS)
     projector = _with_defaults(config.get("projector_config"), PROJECTOR_DEFAULTS)

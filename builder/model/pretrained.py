@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -28,6 +29,18 @@ _PLAIN_FFN = ("fc1", "fc2")
 
 class CheckpointError(ValueError):
     """A pretrained checkpoint that does not fit the spec."""
+
+
+def validated_spec(data, where: str) -> ModelSpec:
+    """The spec a checkpoint's config describes, or a CheckpointError naming `where`, the key path
+    and the problem (a config has no file positions for the located errors `moebuild validate` gives)."""
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = ".".join(str(part) for part in error["loc"]) or "the spec"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise CheckpointError(f"{where}: the spec it describes is not valid: {path}: {error['msg']}{more}") from None
 
 
 def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:

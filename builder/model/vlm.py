@@ -312,6 +312,7 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json (a model directory holds config.json, spec.yaml "
                                   "and model.safetensors)")
+        _check_moebuild_config(directory)
         expert_parallel = kwargs.pop("expert_parallel", None)
         if expert_parallel is not None or "config" not in kwargs:
             sharded = cls._from_pretrained_expert_parallel(directory, expert_parallel, kwargs)
@@ -403,6 +404,25 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
     def trainable_for_stage(self, stage: str) -> dict[str, int]:
         """`apply_stage(stage).trainable`: trainable counts per component."""
         return self.apply_stage(stage).trainable
+
+
+def _check_moebuild_config(directory) -> None:
+    """A CheckpointError naming what `directory` holds unless its config.json is a moebuild model's."""
+    import json
+
+    from moebuild.model.pretrained import CheckpointError, validated_spec
+
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "moebuild" or not isinstance(config.get("spec"), dict):
+        found = f"a {kind!r} checkpoint" if kind not in (None, "moebuild") else "no moebuild spec in its config.json"
+        raise CheckpointError(f"{directory}: not a moebuild model directory ({found}; `moebuild import` converts "
+                              "released checkpoints)")
+    validated_spec(config["spec"], str(path))
 
 
 def build(spec, device=None, dtype=None, seed: int | None = None,

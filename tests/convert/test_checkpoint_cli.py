@@ -4,6 +4,7 @@ spec alone with --spec-only; pickles and foreign files refused with one line."""
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
@@ -71,6 +72,26 @@ def test_import_and_export_never_replace_their_input(tmp_path):
     assert moebuild.MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "ours") is not None
     result = run("import", "hf", tmp_path / "hf", "--spec-only", "--spec", "micro-ltdr", "-o", tmp_path / "q.yaml")
     assert result.exit_code == 2 and "takes no --spec" in result.output
+
+
+@pytest.mark.parametrize("fmt, config, says", [
+    ("hf", [1, 2], "config.json: expected a JSON object, found a list"),
+    ("hf", {"vocab_size": None}, "config.json: no 'vocab_size', which a hf config has"),
+    ("hf", {"hidden_size": -4}, "config.json: the spec it describes is not valid: language.hidden_size: Input should "
+                                "be greater than or equal to 1"),
+    ("deepseek_vl2", {}, "model_type 'qwen2_moe' is not DeepSeek-VL2's (deepseek_vl_v2)")])
+def test_a_malformed_config_is_one_line_naming_the_key(tmp_path, fmt, config, says):
+    data = CONFIG.to_dict()
+    if isinstance(config, list):
+        data = config
+    else:
+        data.update(config)
+        data = {k: v for k, v in data.items() if v is not None}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(data))
+    result = run("import", fmt, tmp_path / "cfg", "--spec-only", "-o", tmp_path / "q.yaml")
+    assert result.exit_code == 1 and says in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Error: " + type(ValueError()).__name__ not in result.output
 
 
 def test_pickles_and_bad_directories_are_refused_in_one_line(tmp_path):
