@@ -320,10 +320,13 @@ def import_cmd(fmt: str, checkpoint: Path, output: Path, spec_name: str | None, 
         click.echo(f"wrote {output}")
         return
     spec = load_spec(spec_name) if spec_name else None
+    from transformers.utils import logging as hf_logging
+
     from moebuild.convert.checkpoints import import_checkpoint
     from moebuild.model.pretrained import CheckpointError
     from moebuild.output import OutputError
 
+    hf_logging.disable_progress_bar()  # the summary table is the output, as in compile
     try:
         spec = import_checkpoint(fmt, checkpoint, output, spec=spec, force=force)
     except (CheckpointError, OutputError) as exc:

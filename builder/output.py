@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = F
     staging = _fresh_dir(parent, _STAGING.format(name=output.name))
     try:
         write(staging)
+        _default_permissions(staging)
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if not p.is_dir())
         (staging / MARKER).write_text(json.dumps({"written_by": "moebuild", "files": files}, indent=1) + "\n")
         with _locked(parent):
@@ -154,6 +156,18 @@ def _move_into_place(staging: Path, output: Path, force: bool, inputs: Iterable[
         raise OutputError(f"cannot move the model into {output}: {exc.strerror}") from None
     if old is not None:
         shutil.rmtree(old)
+
+
+def _default_permissions(directory: Path) -> None:
+    """Give every file the mode a new file gets under the user's umask: safetensors writes 0600 (it
+    goes through a private temporary file), which hides a model from the rest of a shared group."""
+    probe = directory / ".moebuild-mode-probe"
+    probe.touch()
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:

@@ -20,6 +20,7 @@ from moebuild.output import MARKER, OutputError, check_output, write_file, write
 def write_two_files(directory: Path) -> None:
     (directory / "config.json").write_text("{}")
     (directory / "model.safetensors").write_bytes(b"weights")
+    (directory / "model.safetensors").chmod(0o600)  # as safetensors' own writer leaves it
 
 
 def test_the_marker_lists_what_was_written_and_the_directory_has_normal_permissions(tmp_path):
@@ -31,6 +32,7 @@ def test_the_marker_lists_what_was_written_and_the_directory_has_normal_permissi
     marker = json.loads((tmp_path / "m" / MARKER).read_text())
     assert marker["files"] == ["config.json", "model.safetensors"]
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644  # written 0600 below
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging left behind
 
 
