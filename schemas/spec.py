@@ -200,6 +200,9 @@ def _training_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     if spec.training is None:
         return []
     problems = []
+    if spec.tokens.eos is None:
+        problems.append((("tokens", "eos"), "null, but the training stages end every answer with eos (so the model "
+                                             "learns to stop); set it, or drop the training section"))
     for i, stage in enumerate(spec.training.stages):
         for j, pattern in enumerate(stage.trainable):
             root = pattern.split(".", 1)[0]
