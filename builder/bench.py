@@ -18,7 +18,7 @@ Legend: T tokens, D hidden, K top-k, E experts, I expert intermediate, S shared 
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,8 +29,16 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP
 
 from moebuild.moe.dispatch import BACKENDS, runs_on
 from moebuild.moe.experts import ExpertPool
+from moebuild.spec.errors import did_you_mean
 
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+# Every row's name; those that do not run on a device (triton on CPU) are left out there.
+IMPLEMENTATIONS = (*(f"moebuild {name}" for name in BACKENDS),
+                   *(f"transformers {impl}" for impl in TRANSFORMERS_IMPLEMENTATIONS), "dense")
+# torch._grouped_mm (aten's check_valid_strides_and_return_transposed, on CPU and CUDA alike) wants
+# each operand's non-contiguous stride a multiple of 16 bytes: transformers' operands are x [S, D],
+# gate_up_proj^T [E, D, 2I], the gated product [S, I] and down_proj^T [E, I, D], so D and I.
+GROUPED_MM_STRIDE_BYTES = 16
 # batched_mm copies each slot's expert weights ([T*K, 2I, D] and [T*K, D, I]); skip it past this.
 BATCHED_MM_MAX_BYTES = 4 << 30
 MIN_SAMPLE_S = 0.05  # a timing sample repeats the call until it lasts this long (decode sizes)
@@ -215,11 +223,51 @@ def check_outputs(reference: Layer, layers: dict[str, tuple[Layer, Params]], x_T
         }
 
 
+def timing_device(device: str) -> torch.device:
+    """The torch device `device` names, if layers can be timed there; else ValueError saying why."""
+    expected = "expected cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        hint = "; did you mean 'cuda'?" if device.lower().startswith("gpu") else did_you_mean(device.lower(), ("cpu", "cuda"))
+        raise ValueError(f"{device!r} is not a torch device; {expected}{hint}") from None
+    if dev.type == "meta":
+        raise ValueError(f"'meta' tensors hold no data, so nothing runs there to time; {expected}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{device!r}: only cpu and cuda can be timed here (cuda is the one device synchronised); {expected}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{device!r}: torch {torch.__version__} sees no CUDA device on this machine; expected cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def check_skip(skip: Iterable[str]) -> None:
+    """ValueError for a name that is no implementation, and for dense (every ratio is against it)."""
+    for name in skip:
+        if name == "dense":
+            raise ValueError("'dense' cannot be skipped: every 'x dense' ratio is against it")
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"{name!r} is no implementation; expected one of: {', '.join(IMPLEMENTATIONS[:-1])}"
+                             f"{_suggest(name)}")
+
+
+def _suggest(name: str) -> str:
+    """A did-you-mean that also catches a short name ("eager" -> both eager rows)."""
+    tails = [full for full in IMPLEMENTATIONS[:-1] if full.split()[-1] == name.lower()]
+    if tails:
+        return "; did you mean " + " or ".join(repr(full) for full in tails) + "?"
+    return did_you_mean(name, IMPLEMENTATIONS[:-1])
+
+
 def bench_moe(cfg: MoEConfig, tokens: list[int], *, backward: bool = False, repeats: int = 5,
               device: str = "cpu", dtype: torch.dtype = torch.float32, tolerance: float = 1e-4,
               skip: tuple[str, ...] = ()) -> list[Result]:
-    """Time every layer at every token count; raises ValueError if an output disagrees."""
-    dev = torch.device(device)
+    """Time every layer at every token count; raises ValueError if an output disagrees, and for a
+    device or a skipped name it cannot take (`timing_device`, `check_skip`)."""
+    dev = timing_device(device)
+    check_skip(skip)
     built = build_layers(cfg, dev, dtype)
     reference = built["moebuild eager"][0]
     layers = {n: lp for n, lp in built.items() if n not in skip}
@@ -251,6 +299,11 @@ def _skip_reason(name: str, T: int, cfg: MoEConfig, dtype: torch.dtype) -> str |
         per_slot = 3 * cfg.intermediate * cfg.hidden * dtype.itemsize
         if T * cfg.top_k * per_slot > BATCHED_MM_MAX_BYTES:
             return f"would copy {T * cfg.top_k * per_slot / 2**30:.0f} GiB of per-slot weights"
+    if name == "transformers grouped_mm":
+        multiple = GROUPED_MM_STRIDE_BYTES // dtype.itemsize
+        if cfg.hidden % multiple or cfg.intermediate % multiple:
+            return (f"torch._grouped_mm needs 16-byte strides: hidden and intermediate multiples of {multiple} in "
+                    f"{str(dtype).removeprefix('torch.')}, not {cfg.hidden} and {cfg.intermediate}")
     return None
 
 

@@ -411,9 +411,10 @@ def bench():
               help="Token count; repeatable.")
 @click.option("--backward", is_flag=True, help="Also time forward+backward.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Median of this many.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--skip", multiple=True, metavar="IMPL", help='Leave an implementation out, e.g. "transformers eager".')
+@click.option("--skip", multiple=True, metavar="IMPL",
+              help='Leave an implementation out, e.g. "transformers eager"; repeatable. The dense baseline stays.')
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_moe_cmd(experts, top_k, hidden, intermediate, shared_experts, tokens, backward, repeats, device, dtype,
                   skip, as_json):
@@ -429,8 +430,13 @@ def bench_moe_cmd(experts, top_k, hidden, intermediate, shared_experts, tokens, 
         raise click.BadParameter(f"--top-k {top_k} exceeds --experts {experts}", param_hint="--top-k")
     import torch
 
-    from moebuild.bench import MoEConfig, bench_moe, format_table, to_json
+    from moebuild.bench import MoEConfig, bench_moe, check_skip, format_table, timing_device, to_json
 
+    for hint, check, value in (("--device", timing_device, device), ("--skip", check_skip, skip)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
     cfg = MoEConfig(experts, top_k, hidden, intermediate, shared_experts)
     try:
         results = bench_moe(cfg, list(tokens), backward=backward, repeats=repeats, device=device,
