@@ -11,7 +11,8 @@ ratio moebuild / transformers.
 
 Workloads: a training step (forward + backward with labels, no optimiser) on a batch x length
 batch; prefill of one sequence of 128 and of 512 tokens; greedy generation of 32 tokens after a
-128-token prompt; one decode step after a 128-token prompt (the cache filled untimed).
+128-token prompt; one decode step after a 128-token prompt (the cache filled untimed). A workload
+that needs more positions than the model's `language.max_position_embeddings` is a skipped row.
 """
 
 from __future__ import annotations
@@ -19,26 +20,31 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from moebuild.spec.errors import did_you_mean
+
 EXPERTS_IMPLEMENTATION = "grouped_mm"
 MIN_SAMPLE_S = 0.2  # a sample repeats the workload until it lasts this long
+LOGITS_CHECK_LENGTH = 64  # tokens per sequence of the logits comparison (fewer if the model has fewer positions)
+POSITIONS_KEY = "language.max_position_embeddings"
 
 
 @dataclass
 class Row:
     workload: str
-    moebuild_ms: float
-    transformers_ms: float
-    moebuild_spread_ms: tuple[float, float]
-    transformers_spread_ms: tuple[float, float]
+    moebuild_ms: float | None
+    transformers_ms: float | None
+    moebuild_spread_ms: tuple[float, float] | None
+    transformers_spread_ms: tuple[float, float] | None
+    skipped: str | None = None
 
     @property
-    def ratio(self) -> float:
-        return self.moebuild_ms / self.transformers_ms
+    def ratio(self) -> float | None:
+        return None if self.skipped else self.moebuild_ms / self.transformers_ms
 
 
 def build_pair(spec, seed: int = 0):
@@ -63,8 +69,8 @@ def build_pair(spec, seed: int = 0):
     return ours.eval(), theirs.eval()
 
 
-def check_logits(ours, theirs, vocab: int, tolerance: float = 1e-4) -> float:
-    ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(1))
+def check_logits(ours, theirs, vocab: int, tolerance: float = 1e-4, length: int = LOGITS_CHECK_LENGTH) -> float:
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     diff = ((a - b).abs().max() / b.abs().max()).item()
@@ -73,8 +79,9 @@ def check_logits(ours, theirs, vocab: int, tolerance: float = 1e-4) -> float:
     return diff
 
 
-def workloads(vocab: int, batch: int, length: int) -> dict[str, Callable]:
-    """name -> fn(model) -> a callable that runs the workload once (setup done outside the timing)."""
+def workloads(vocab: int, batch: int, length: int) -> dict[str, tuple[int, Callable]]:
+    """name -> (positions it needs, fn(model) -> a callable that runs the workload once, setup done
+    outside the timing)."""
     g = torch.Generator().manual_seed(2)
 
     def ids(b, s):
@@ -118,8 +125,26 @@ def workloads(vocab: int, batch: int, length: int) -> dict[str, Callable]:
                 cache.crop(-1)  # the next sample decodes the same position again
         return run
 
-    return {f"train step {batch} x {length}": train_step, "prefill 1 x 128": prefill(128),
-            "prefill 1 x 512": prefill(512), "generate 128 + 32 greedy": generate, "prompt 128 + 1 token": decode_step}
+    return {f"train step {batch} x {length}": (length, train_step), "prefill 1 x 128": (128, prefill(128)),
+            "prefill 1 x 512": (512, prefill(512)), "generate 128 + 32 greedy": (128 + 32, generate),
+            "prompt 128 + 1 token": (128 + 1, decode_step)}
+
+
+def check_length(spec, length: int) -> None:
+    """ValueError for a training-step length past the model's positions."""
+    limit = spec.language.max_position_embeddings
+    if length > limit:
+        raise ValueError(f"{length} exceeds the model's {limit} positions ({POSITIONS_KEY})")
+
+
+def check_only(only: Iterable[str], names: Iterable[str]) -> None:
+    """ValueError for a filter that is part of no workload name."""
+    names = list(names)
+    words = sorted({word for name in names for word in name.split() if word.isalpha()})
+    for part in only:
+        if not any(part in name for name in names):
+            raise ValueError(f"{part!r} matches no workload; expected part of one of: {', '.join(names)}"
+                             f"{did_you_mean(part, words + names)}")
 
 
 def _sample_ms(run: Callable[[], None]) -> float:
@@ -135,14 +160,22 @@ def _sample_ms(run: Callable[[], None]) -> float:
 
 def bench_model(spec, *, batch: int = 4, length: int = 512, repeats: int = 5,
                 only: tuple[str, ...] = ()) -> tuple[float, list[Row]]:
-    """(relative logits difference, one Row per workload)."""
+    """(relative logits difference, one Row per workload); ValueError for a `length` or an `only`
+    it cannot take (`check_length`, `check_only`)."""
+    vocab, limit = spec.language.vocab_size, spec.language.max_position_embeddings
+    planned = workloads(vocab, batch, length)
+    check_length(spec, length)
+    check_only(only, planned)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames past_key_values
     ours, theirs = build_pair(spec)
-    vocab = spec.language.vocab_size
-    diff = check_logits(ours, theirs, vocab)
+    diff = check_logits(ours, theirs, vocab, length=min(LOGITS_CHECK_LENGTH, limit))
     rows = []
-    for name, make in workloads(vocab, batch, length).items():
+    for name, (positions, make) in planned.items():
         if only and not any(o in name for o in only):
+            continue
+        if positions > limit:
+            rows.append(Row(name, None, None, None, None,
+                            skipped=f"needs {positions} positions, the model has {limit} ({POSITIONS_KEY})"))
             continue
         runs = {"ours": make(ours), "theirs": make(theirs)}
         samples = {"ours": [], "theirs": []}
@@ -160,6 +193,9 @@ def format_rows(spec, diff: float, rows: list[Row]) -> str:
              f"logits agree to {diff:.1e}",
              f"{'workload':<26} {'moebuild ms':>12} {'(min-max)':>17} {'transformers ms':>16} {'(min-max)':>17} {'ratio':>6}"]
     for r in rows:
+        if r.skipped:
+            lines.append(f"{r.workload:<26} skipped: {r.skipped}")
+            continue
         lines.append(f"{r.workload:<26} {r.moebuild_ms:12.1f} {r.moebuild_spread_ms[0]:8.1f}-{r.moebuild_spread_ms[1]:<8.1f} "
                      f"{r.transformers_ms:16.1f} {r.transformers_spread_ms[0]:8.1f}-{r.transformers_spread_ms[1]:<8.1f} "
                      f"{r.ratio:6.2f}")

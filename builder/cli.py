@@ -500,13 +500,15 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
               help="hf: transformers' own model of the architecture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Training-step batch size.")
-@click.option("--length", type=click.IntRange(min=2), default=512, show_default=True, help="Training-step sequence length.")
+@click.option("--length", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Training-step sequence length, at most the model's language.max_position_embeddings.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved samples per model.")
 @click.option("--only", multiple=True, metavar="WORKLOAD", help='Time only workloads whose name contains this, e.g. "prefill".')
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_model_cmd(spec, against, overrides, batch, length, repeats, only, as_json):
     """Time a whole model against transformers' implementation of the same architecture, on the
-    same weights: a training step, prefill at 128 and 512 tokens, greedy generation and one decode step.
+    same weights: a training step, prefill at 128 and 512 tokens, greedy generation and one decode step
+    (a workload past the model's positions is a skipped row).
 
     \b
     Examples:
@@ -515,12 +517,18 @@ def bench_model_cmd(spec, against, overrides, batch, length, repeats, only, as_j
     """
     from transformers.utils import logging as hf_logging
 
-    from moebuild.bench_model import bench_model, format_rows, to_json
+    from moebuild.bench_model import bench_model, check_length, check_only, format_rows, to_json, workloads
     from moebuild.model.pretrained import CheckpointError
     from moebuild.spec.loading import load_spec
 
     hf_logging.set_verbosity_error()
     parsed = load_spec(spec, overrides=list(overrides))
+    names = workloads(parsed.language.vocab_size, batch, length)
+    for hint, check in (("--length", lambda: check_length(parsed, length)), ("--only", lambda: check_only(only, names))):
+        try:
+            check()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
     try:
         diff, rows = bench_model(parsed, batch=batch, length=length, repeats=repeats, only=tuple(only))
     except (CheckpointError, ValueError) as exc:
