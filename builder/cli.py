@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class _Group(click.Group):
     line naming its type (MOEBUILD_TRACEBACK=1 shows the traceback instead, for bug reports)."""
 
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             return super().invoke(ctx)
         except SpecError as exc:
@@ -54,6 +56,15 @@ class _Group(click.Group):
                 raise
             click.echo(f"Error: {type(exc).__name__}: {_first_line(exc)}", err=True)
             ctx.exit(1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (kill, timeout, a job scheduler) unwinds like Ctrl-C, so staging directories are
+    removed and a run that made no checkpoint leaves nothing; the default handler ends the process
+    on the spot."""
+    raise SystemExit(128 + signum)
 
 
 def _write_file(output: Path, write, force: bool, inputs: tuple[Path, ...] = ()) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from moebuild.files import read_text, unreadable
 from moebuild.model.tokenizer import IMAGE_PLACEHOLDER, encode_prompt, load_tokenizer
 from moebuild.schemas.base import did_you_mean
 
@@ -34,6 +35,9 @@ class Sample:
 
 
 def load_image(path: Path) -> Image.Image:
+    why = unreadable(path)
+    if why is not None:
+        raise InputError(f"{path}: {why}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -43,12 +47,7 @@ def load_image(path: Path) -> Image.Image:
 
 def read_jsonl(path: Path) -> list[Sample]:
     samples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text (one JSON object per line)") from None
+    lines = read_text(path, InputError).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

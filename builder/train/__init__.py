@@ -65,6 +65,8 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     processor = None if spec.text_only else build_processor(spec)
     encoder = Encoder(tokenizer, processor, spec.image_token_id, settings.max_length)
     examples = encode_file(Path(data), encoder, image_folder)
+    if settings.batch_size > len(examples):  # a batch would hold one record several times
+        raise TrainError(f"--batch-size {settings.batch_size} is more than the {len(examples)} records of {data}")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from moebuild.files import read_text, unreadable
 from moebuild.model.tokenizer import IMAGE_PLACEHOLDER as IMAGE
 from moebuild.model.tokenizer import encode_prompt
 from moebuild.schemas.base import did_you_mean
@@ -39,12 +40,7 @@ class Example:
 
 def read_records(path: Path) -> list[tuple[str, object]]:
     """(where, record) pairs: `where` is `file: record i` in a JSON list, `file:line` in JSONL."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (a .json list or .jsonl of LLaVA records)") from None
+    text = read_text(path, DataError)
     if str(path).endswith(".jsonl"):
         records = [(f"{path}:{number}", _json(line, f"{path}:{number}"))
                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -139,6 +135,9 @@ class Encoder:
         if self.processor is None:
             raise DataError(f"{where}: an image in a text-only model's data")
         path = image_root / str(image)
+        why = unreadable(path)
+        if why is not None:
+            raise DataError(f"{where}: image {str(path)!r}: {why}")
         try:
             with Image.open(path) as picture:
                 return self.processor([picture.convert("RGB")])

@@ -1,6 +1,7 @@
 """`moebuild trace` end to end on a micro preset and a generated image+text dataset."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -82,3 +83,11 @@ def test_trace_data_lines_with_an_unknown_key_or_bytes_are_named(tmp_path):
     bad.write_bytes(b"\xff\xfe{")
     result = CliRunner().invoke(main, ["trace", "micro-ltdr", "--data", str(bad), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "not UTF-8 text" in result.output
+
+
+def test_a_pipe_as_data_or_image_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    for args in (["--data", str(fifo)], ["--image", str(fifo), "--prompt", "hi"]):
+        result = CliRunner().invoke(main, ["trace", "micro-ltdr", *args, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 1 and result.output.strip() == f"Error: {fifo}: is not a regular file (a pipe, device or socket)"

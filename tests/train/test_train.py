@@ -3,6 +3,10 @@ exact resume, checkpoints that load, clear refusals; and the model under a user'
 PEFT LoRA. The long learning run is marked slow."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -328,3 +332,27 @@ def test_a_directory_of_another_system_is_named_not_loaded(tmp_path, task):
     assert refused.exit_code == 1
     assert refused.output.strip() == (f"Error: {tmp_path / 'llama'}: not a moebuild model directory (a 'llama' "
                                       "checkpoint; `moebuild import` converts released checkpoints)")
+
+
+def test_a_pipe_or_a_device_is_refused_not_read(tmp_path, task):
+    fifo = tmp_path / "data.fifo"
+    os.mkfifo(fifo)
+    for data in (fifo, "/dev/zero"):
+        with pytest.raises(DataError, match="is not a regular file"):  # before: blocked, or read until memory ran out
+            train("micro-moe-llava", data, tmp_path / "run", Settings(stage="align", steps=1, batch_size=1))
+    record = {"image": "data.fifo", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    (tmp_path / "img.json").write_text(json.dumps([record]))
+    with pytest.raises(DataError, match="image .*data.fifo.*is not a regular file"):
+        train("micro-moe-llava", tmp_path / "img.json", tmp_path / "run", Settings(stage="align", steps=1, batch_size=1))
+    with pytest.raises(TrainError, match="--batch-size 100000000 is more than the 12 records"):  # before: a near-endless loop
+        train("micro-moe-llava", task, tmp_path / "run", Settings(stage="align", steps=1, batch_size=100_000_000))
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_unwinds_a_cli_run_like_ctrl_c(tmp_path, task):
+    script = (f"import os, signal, sys; from moebuild.cli import main; import moebuild.train.loop as loop\n"
+              f"loop.Run.train = lambda self, progress=None: os.kill(os.getpid(), signal.SIGTERM)\n"
+              f"main(['train', 'micro-moe-llava', '--data', {str(task)!r}, '-o', {str(tmp_path / 'r')!r}, '--batch-size', '2'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert not (tmp_path / "r").exists()  # the default handler would have left r/ behind
