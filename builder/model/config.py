@@ -20,16 +20,12 @@ class MoEVLMConfig(PretrainedConfig):
         kwargs.pop("text_config", None)  # derived from the spec, never read back
         self.spec = spec
         if spec is not None:
-            parsed = ModelSpec.model_validate(spec)
-            lang = parsed.language
-            kwargs.setdefault("tie_word_embeddings", lang.tie_word_embeddings)
-            kwargs.setdefault("pad_token_id", parsed.tokens.pad)
-            kwargs.setdefault("bos_token_id", parsed.tokens.bos)
-            kwargs.setdefault("eos_token_id", parsed.tokens.eos)
-            self.image_token_id = parsed.image_token_id  # None for a text-only model
-            self.vocab_size = lang.vocab_size
-            self.hidden_size = lang.hidden_size
-            self.num_hidden_layers = lang.num_layers
+            derived = derived_fields(ModelSpec.model_validate(spec))
+            differ = [f"{key} {kwargs[key]!r} (its spec: {value!r})" for key, value in derived.items()
+                      if key in kwargs and kwargs[key] != value]
+            if differ:  # the spec builds the modules: a config saying otherwise would describe another model
+                raise ValueError(f"the config disagrees with its own spec: {', '.join(differ)}")
+            kwargs.update(derived)
         super().__init__(**kwargs)
 
     @cached_property
@@ -49,3 +45,12 @@ class MoEVLMConfig(PretrainedConfig):
         for derived in ("parsed_spec", "text_config"):
             out.pop(derived, None)
         return out
+
+
+def derived_fields(spec: ModelSpec) -> dict:
+    """The config fields transformers reads that the spec decides."""
+    lang = spec.language
+    return {"tie_word_embeddings": lang.tie_word_embeddings, "pad_token_id": spec.tokens.pad,
+            "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
+            "image_token_id": spec.image_token_id,  # None for a text-only model
+            "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size, "num_hidden_layers": lang.num_layers}

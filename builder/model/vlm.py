@@ -11,13 +11,16 @@ placeholder mask, passed down the forward call (as transformers' ernie4_5_vl_moe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -37,7 +40,7 @@ from moebuild.moe.experts import ExpertPool
 from moebuild.moe.routers.base import DTYPES, Router, init_router
 from moebuild.registry import build_components
 from moebuild.schemas import ModelSpec
-from moebuild.spec.errors import BuildError
+from moebuild.spec.errors import BuildError, SpecError
 
 
 @dataclass
@@ -302,9 +305,8 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         """A model directory moebuild wrote (or one like it), loaded strictly: config.json must be there,
         weights are read from safetensors only, and every missing, unexpected or mis-shaped tensor is
         named in one CheckpointError (a ValueError) instead of leaving random weights behind a warning."""
-        from pathlib import Path
-
         from moebuild.model.pretrained import CheckpointError
+        from moebuild.spec.loading import PICKLES_REFUSED
 
         directory = Path(pretrained_model_name_or_path)
         if not directory.is_dir():
@@ -312,7 +314,11 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json (a model directory holds config.json, spec.yaml "
                                   "and model.safetensors)")
-        _check_moebuild_config(directory)
+        spec = _check_moebuild_config(directory)
+        try:
+            check_memory(spec, _loading_dtype(directory, kwargs), torch.device("cpu"))  # before anything is allocated
+        except BuildError as exc:
+            raise CheckpointError(str(exc)) from None
         expert_parallel = kwargs.pop("expert_parallel", None)
         if expert_parallel is not None or "config" not in kwargs:
             sharded = cls._from_pretrained_expert_parallel(directory, expert_parallel, kwargs)
@@ -321,7 +327,17 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs["use_safetensors"] = True  # never a pickle
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, with the other misfits
-        model, info = super().from_pretrained(directory, *args, output_loading_info=True, **kwargs)
+        try:
+            with _quiet_transformers():  # its LOAD REPORT table; the misfits are named below, in one line
+                model, info = super().from_pretrained(directory, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{directory}: not a readable safetensors file ({exc})") from None
+        except OSError:
+            if not any(directory.glob("*.safetensors")):
+                pickles = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+                why = PICKLES_REFUSED if pickles else "a `moebuild compile --device meta` directory holds the config and spec only"
+                raise CheckpointError(f"{directory}: no model.safetensors ({why})") from None
+            raise
         misfits = {
             "missing": sorted(info.get("missing_keys") or ()),
             "unexpected": sorted(info.get("unexpected_keys") or ()),
@@ -406,11 +422,14 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         return self.apply_stage(stage).trainable
 
 
-def _check_moebuild_config(directory) -> None:
-    """A CheckpointError naming what `directory` holds unless its config.json is a moebuild model's."""
+def _check_moebuild_config(directory: Path) -> ModelSpec:
+    """The spec of `directory`'s config.json; a CheckpointError unless it is a moebuild model's whose
+    fields and spec.yaml agree with that spec (the spec alone decides what is built)."""
     import json
 
+    from moebuild.model.config import derived_fields
     from moebuild.model.pretrained import CheckpointError, validated_spec
+    from moebuild.spec.loading import load_spec
 
     path = directory / "config.json"
     try:
@@ -422,7 +441,42 @@ def _check_moebuild_config(directory) -> None:
         found = f"a {kind!r} checkpoint" if kind not in (None, "moebuild") else "no moebuild spec in its config.json"
         raise CheckpointError(f"{directory}: not a moebuild model directory ({found}; `moebuild import` converts "
                               "released checkpoints)")
-    validated_spec(config["spec"], str(path))
+    spec = validated_spec(config["spec"], str(path))
+    differ = [f"{key} {config[key]!r} (its spec: {value!r})" for key, value in derived_fields(spec).items()
+              if key in config and config[key] != value]
+    if differ:
+        raise CheckpointError(f"{path} disagrees with its own spec: {', '.join(differ)}")
+    if (directory / "spec.yaml").is_file():
+        try:
+            beside = load_spec(directory / "spec.yaml")
+        except SpecError as exc:
+            raise CheckpointError(f"{directory / 'spec.yaml'}: {str(exc).splitlines()[0]}") from None
+        if beside.model_dump(mode="json") != spec.model_dump(mode="json"):
+            raise CheckpointError(f"{directory / 'spec.yaml'} differs from the spec in config.json, which is the one "
+                                  "that loads; restore it (`moebuild show` prints a spec) or compile again")
+    return spec
+
+
+def _loading_dtype(directory: Path, kwargs: dict) -> torch.dtype:
+    """The dtype `from_pretrained` will allocate in: the caller's, else the checkpoint's, else float32."""
+    import json
+
+    wanted = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if wanted in (None, "auto"):
+        wanted = json.loads((directory / "config.json").read_text()).get("dtype") or "float32"
+    return getattr(torch, wanted) if isinstance(wanted, str) else wanted
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def build(spec, device=None, dtype=None, seed: int | None = None,

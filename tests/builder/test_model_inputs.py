@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import moebuild
 from moebuild import build
+from moebuild.model.config import MoEVLMConfig
+from moebuild.model.pretrained import CheckpointError
 from moebuild.model.vlm import MoEVLMForConditionalGeneration
 
 
@@ -109,6 +112,41 @@ def test_a_checkpoint_with_a_mis_shaped_tensor_fails_to_load(model, tmp_path):
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["spec"]["language"]["vocab_size"] = 640
+    del config["vocab_size"], config["image_token_id"]  # derived from the spec, so they must agree with it
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / "spec.yaml").unlink()  # for people to read; config.json's spec is the one that loads
     with pytest.raises(ValueError, match=r"mis-shaped: language\.(lm_head|model\.embed_tokens)\.weight"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+def test_a_directory_whose_parts_disagree_or_cannot_be_read_is_one_clear_error(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    config_path, spec_path = tmp_path / "m" / "config.json", tmp_path / "m" / "spec.yaml"
+    config, spec_text = json.loads(config_path.read_text()), spec_path.read_text()
+    config_path.write_text(json.dumps({**config, "hidden_size": 256}))
+    with pytest.raises(CheckpointError, match=r"config.json disagrees with its own spec: hidden_size 256 \(its spec: \d+\)"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="the config disagrees with its own spec: vocab_size 9"):
+        MoEVLMConfig(spec=config["spec"], vocab_size=9)  # the config class alone refuses it too
+    config_path.write_text(json.dumps(config))
+    spec_path.write_text(spec_text.replace("num_experts: 4", "num_experts: 8", 1))
+    assert spec_path.read_text() != spec_text
+    with pytest.raises(CheckpointError, match="spec.yaml differs from the spec in config.json"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+    spec_path.write_text(spec_text)
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors \\(a `moebuild compile --device meta` directory"):
+        MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
+
+
+def test_loading_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    import moebuild.model.memory_budget as budget
+
+    moebuild.model.vlm.build_and_save(moebuild.load_spec("micro-moe-llava"), tmp_path / "m")
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 1 << 20)
+    with pytest.raises(CheckpointError, match=r"micro-moe-llava needs 0.0 GiB .* but 0.0 GiB of cpu memory"):
         MoEVLMForConditionalGeneration.from_pretrained(tmp_path / "m")
