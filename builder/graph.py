@@ -88,10 +88,10 @@ def to_dot(graph: RoutingGraph) -> str:
            '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
     for node in graph.nodes:
         label = quote("\n".join(node.lines)).replace("\n", "\\n")
-        out.append(f"  {node.id} [label={label}, fillcolor={quote(FILL[node.kind])}];")
-    for edge in graph.edges:
+        out.append(f"  {quote(node.id)} [label={label}, fillcolor={quote(FILL[node.kind])}];")
+    for edge in graph.edges:  # ids quoted: a pool's name is any YAML key (routed-experts, p"q)
         style = " [style=dashed, arrowhead=none, constraint=false]" if edge.dashed else ""
-        out.append(f"  {edge.source} -> {edge.target}{style};")
+        out.append(f"  {quote(edge.source)} -> {quote(edge.target)}{style};")
     return "\n".join(out + ["}"]) + "\n"
 
 
@@ -181,7 +181,7 @@ def to_svg(graph: RoutingGraph) -> str:
         out.append(f'<polyline points="{points}" fill="none" stroke="#555" {style}/>')
     for node in graph.nodes:
         b = boxes[node.id]
-        out.append(f'<g id="{node.id}"><rect x="{b.x}" y="{b.y}" width="{b.w}" height="{b.h}" rx="6" '
+        out.append(f'<g id="{escape(node.id)}"><rect x="{b.x}" y="{b.y}" width="{b.w}" height="{b.h}" rx="6" '
                    f'fill="{FILL[node.kind]}" stroke="#333"/>')
         for k, line in enumerate(node.lines):
             out.append(f'<text x="{b.x + PAD}" y="{b.y + PAD + (k + 1) * LINE_H - 4}">{escape(line)}</text>')

@@ -21,11 +21,11 @@ def dot_of(name: str, *overrides: str) -> str:
 
 
 def edges(dot: str) -> set[tuple[str, str, bool]]:
-    return {(a, b, "dashed" in rest) for a, b, rest in re.findall(r"^  (\w+) -> (\w+)(.*);$", dot, re.M)}
+    return {(a, b, "dashed" in rest) for a, b, rest in re.findall(r'^  "(.+?)" -> "(.+?)"(.*);$', dot, re.M)}
 
 
 def labels(dot: str) -> dict[str, str]:
-    return dict(re.findall(r'^  (\w+) \[label="(.*?)", fillcolor', dot, re.M))
+    return dict(re.findall(r'^  "(.+?)" \[label="(.*?)", fillcolor', dot, re.M))
 
 
 def test_micro_moe_llava():
@@ -91,6 +91,13 @@ def test_an_existing_drawing_or_the_spec_itself_is_not_overwritten(tmp_path):
     result = CliRunner().invoke(main, ["graph", str(spec), "-o", str(spec), "--force"])
     assert result.exit_code == 1 and "it is the input" in result.output
     assert spec.read_text() == "base: micro-ltdr\n"
+
+
+def test_pool_names_that_are_not_identifiers_give_valid_dot():
+    dot = dot_of("micro-ltdr", "~moe.pools.experts", "+moe.pools.routed-experts={num_experts: 4, intermediate_size: 64}",
+                 "moe.routes.0.pool=routed-experts", "moe.routes.1.pool=routed-experts")
+    assert ("router_0", "pool_routed-experts", False) in edges(dot)
+    assert '  "pool_routed-experts" [label="routed-experts\\n4 experts x 64"' in dot
 
 
 def test_bad_extension_is_one_clear_error(tmp_path):
