@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -39,7 +40,11 @@ def check_output(output: Path, force: bool, inputs: Iterable[Path] = ()) -> None
     `inputs` are the paths the command reads; replacing any of them, or what holds them, is refused."""
     target = output.absolute()
     _check_parent(output)
-    resolved = target.resolve()
+    try:
+        resolved = target.resolve()
+        target.exists()
+    except OSError as exc:  # a name past the file system's limit, a loop of links
+        raise OutputError(f"cannot write {output}: {exc.strerror}") from None
     for protected, what in ((Path("/"), "the root directory"), (Path.home(), "your home directory")):
         if resolved == protected.resolve():
             raise OutputError(f"refusing to write a model to {output}: it is {what}")
@@ -94,7 +99,7 @@ def write_file(output: Path, write: Callable[[Path], None], force: bool = False,
         if not force:
             raise OutputError(f"{output} exists (--force replaces it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.stem}.moebuild-staging-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+    temporary = target.parent / f".{_short(target.stem)}.moebuild-staging-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
     try:
         write(temporary)
         os.replace(temporary, target)
@@ -125,7 +130,7 @@ def write_model_dir(output: Path, write: Callable[[Path], None], force: bool = F
     parent = output.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(parent, output.name)
-    staging = _fresh_dir(parent, _STAGING.format(name=output.name))
+    staging = _fresh_dir(parent, _STAGING.format(name=_short(output.name)))
     try:
         write(staging)
         _default_permissions(staging)
@@ -146,7 +151,7 @@ def _move_into_place(staging: Path, output: Path, force: bool, inputs: Iterable[
     target = output.absolute()
     old = None
     if target.exists() and any(target.iterdir()):
-        old = _fresh_dir(target.parent, _REPLACED.format(name=output.name))
+        old = _fresh_dir(target.parent, _REPLACED.format(name=_short(output.name)))
         os.replace(target, old)  # onto an empty directory made a moment ago
     try:
         os.rename(staging, target)  # fails (ENOTEMPTY) rather than replace a directory with content
@@ -170,6 +175,14 @@ def _default_permissions(directory: Path) -> None:
             path.chmod(mode)
 
 
+def _short(name: str) -> str:
+    """`name` in a staging directory's name: a long one is cut and hashed, so the staging name
+    stays within the 255 bytes a file name may have wherever the output's own name does."""
+    if len(name.encode()) <= 120:
+        return name
+    return name.encode()[:80].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
 def _fresh_dir(parent: Path, prefix: str) -> Path:
     """A new directory `prefix + PID-random` with the user's default permissions (not mkdtemp's 0700)."""
     while True:
@@ -181,7 +194,7 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
 
 def _remove_abandoned(parent: Path, name: str) -> None:
     """Staging and replaced directories of runs whose process is gone (killed mid-way)."""
-    for prefix in (_STAGING.format(name=name), _REPLACED.format(name=name)):
+    for prefix in (_STAGING.format(name=_short(name)), _REPLACED.format(name=_short(name))):
         for path in parent.glob(glob.escape(prefix) + "*"):
             pid = path.name[len(prefix):].split("-", 1)[0]
             if path.is_dir() and not path.is_symlink() and pid.isdigit() and not _alive(int(pid)):

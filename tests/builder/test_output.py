@@ -222,3 +222,12 @@ def test_an_output_under_a_file_is_one_clear_refusal(tmp_path, writer):
         else:
             write_model_dir(tmp_path / "notes" / "m", write_two_files)
     assert (tmp_path / "notes").read_text() == "x"
+
+
+def test_a_name_near_the_file_system_limit_is_written_and_one_past_it_refused(tmp_path):
+    longest = "m" * 250  # fits in 255 bytes; '.NAME.moebuild-staging-PID-xxxxxxxx' did not
+    write_model_dir(tmp_path / longest, write_two_files)
+    write_file(tmp_path / (longest[:-5] + ".json"), lambda path: path.write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([longest, longest[:-5] + ".json"])
+    with pytest.raises(OutputError, match="cannot write .*: File name too long"):
+        write_model_dir(tmp_path / ("m" * 300), write_two_files)
