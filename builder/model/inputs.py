@@ -24,6 +24,9 @@ class InputRules:
     image_tokens_per_view: int
 
 
+IGNORE_INDEX = -100  # transformers' label for a position without loss
+
+
 def check_inputs(rules: InputRules, input_ids: Tensor | None, inputs_embeds: Tensor | None,
                  pixel_values: Tensor | None, attention_mask: Tensor | None, labels: Tensor | None,
                  past: int) -> None:
@@ -43,8 +46,8 @@ def check_inputs(rules: InputRules, input_ids: Tensor | None, inputs_embeds: Ten
         cached = f" ({past} cached + {S} new)" if past else ""
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + S)}: "
                          f"one entry per token{cached}")
-    if labels is not None and tuple(labels.shape) != (B, S):
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(B, S)} like input_ids")
+    if labels is not None:
+        _check_labels(rules, labels, (B, S))
     if pixel_values is not None:
         _check_pixels(rules, pixel_values)
     if input_ids is not None and rules.image_token_id is not None:
@@ -52,6 +55,21 @@ def check_inputs(rules: InputRules, input_ids: Tensor | None, inputs_embeds: Ten
     elif pixel_values is not None:
         raise ValueError("pixel_values go with input_ids (their placeholders say where each picture goes), "
                          "not with inputs_embeds")
+
+
+def _check_labels(rules: InputRules, labels: Tensor, shape: tuple[int, int]) -> None:
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {shape} like input_ids")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids (-100 where no loss), got {labels.dtype}")
+    bad_BS = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= rules.vocab_size)
+    if bad_BS.any():
+        b, s = (int(i) for i in bad_BS.nonzero()[0])
+        raise ValueError(f"labels[{b}, {s}] is {int(labels[b, s])}, outside the vocabulary (ids 0 to "
+                         f"{rules.vocab_size - 1}, or {IGNORE_INDEX} where no loss is taken)")
+    if bool((labels[:, 1:] == IGNORE_INDEX).all()):  # the first label is never predicted
+        raise ValueError(f"every label after the first is {IGNORE_INDEX}: no token to predict, so the loss "
+                         "would be 0/0 (nan)")
 
 
 def _check_ids(rules: InputRules, input_ids: Tensor) -> tuple[int, int]:

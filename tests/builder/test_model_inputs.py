@@ -46,6 +46,22 @@ def test_token_ids_outside_the_vocabulary(model):
             input_ids=wrong, pixel_values=pixels)
 
 
+def test_labels_outside_the_vocabulary_or_all_ignored(model):
+    ids, pixels = prompt(model)
+    for value, at in ((900, 2), (-5, 3)):
+        labels = torch.full_like(ids, -100)
+        labels[0, -1] = 7
+        labels[0, at] = value
+        with pytest.raises(ValueError, match=re.escape(f"labels[0, {at}] is {value}, outside the vocabulary (ids 0 "
+                                                       "to 511, or -100 where no loss is taken)")):
+            model(input_ids=ids, pixel_values=pixels, labels=labels)  # before: IndexError from cross_entropy
+    with pytest.raises(ValueError, match="every label after the first is -100: no token to predict"):
+        model(input_ids=ids, pixel_values=pixels, labels=torch.full_like(ids, -100))  # before: a silent nan loss
+    labels = torch.full_like(ids, -100)
+    labels[0, -1] = 7
+    assert torch.isfinite(model(input_ids=ids, pixel_values=pixels, labels=labels).loss)
+
+
 def test_placeholders_and_pictures_must_come_together(model):
     ids, pixels = prompt(model)
     bad(model, "input_ids hold 16 image placeholder tokens .id 511. but no pixel_values", input_ids=ids)
