@@ -67,6 +67,12 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _given(option: str) -> bool:
+    """Whether the user set the current command's `option` (not left at its default)."""
+    source = click.get_current_context().get_parameter_source(option)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
 def _write_file(output: Path, write, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     """moebuild.output.write_file, its refusals as one-line CLI errors."""
     from moebuild.output import OutputError, write_file
@@ -267,6 +273,10 @@ def compile_cmd(spec: str, output: Path, overrides: tuple[str, ...], device: str
     from moebuild.spec.errors import BuildError
     from moebuild.spec.loading import load_spec
 
+    ignored = [f"--{name}" for name in ("dtype", "seed") if _given(name)]
+    if device == "meta" and ignored:
+        raise click.UsageError(f"--device meta writes the config and spec only, no weights: {' and '.join(ignored)} "
+                               "would change nothing")
     parsed = load_spec(spec, overrides)
     try:
         check_output(output, force)  # also checked by build_and_save; here it fails before torch is imported
@@ -648,6 +658,9 @@ def trace_cmd(model: str, data: Path | None, image: Path | None, prompt: str | N
 
     hf_logging.disable_progress_bar()  # the trace's own bar is the one to watch
     if Path(model).is_dir():
+        if _given("seed"):
+            raise click.UsageError(f"--seed initialises a model built from a spec; {model} is a model directory "
+                                   "with its own weights")
         from moebuild.model.vlm import MoEVLMForConditionalGeneration
 
         try:

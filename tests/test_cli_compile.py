@@ -115,3 +115,10 @@ def test_summary_json_has_the_contract_keys():
     )
     assert components["language"]["active"] < components["language"]["total"]
     assert components["language"]["embedding"] == 512 * 128
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--seed", "7"], ["--seed", "0"]])
+def test_flags_a_meta_build_would_ignore_are_refused(tmp_path, flags):
+    result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--device", "meta", *flags)
+    assert result.exit_code == 2 and not (tmp_path / "m").exists()
+    assert f"--device meta writes the config and spec only, no weights: {flags[0]} would change nothing" in result.output

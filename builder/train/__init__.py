@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from moebuild.schemas.base import did_you_mean
 from moebuild.train.data import DataError, Encoder, encode_file
 from moebuild.train.loop import Run, Settings, TrainError, check_resumable, checkpoints
 
@@ -35,7 +36,8 @@ def check(model, run_dir: str | Path, settings: Settings, resume: bool = False) 
     stages = [s.name for s in spec.training.stages] if spec.training else []
     if settings.stage is not None:
         if settings.stage not in stages:
-            raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}")
+            raise TrainError(f"no training stage {settings.stage!r}; the spec has {', '.join(stages) or 'none'}"
+                             f"{did_you_mean(settings.stage, stages)}")
         try:
             model.apply_stage(settings.stage)
         except ValueError as exc:  # a trainable pattern that matches no parameter of the built model

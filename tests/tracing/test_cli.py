@@ -91,3 +91,10 @@ def test_a_pipe_as_data_or_image_is_refused_not_read(tmp_path):
     for args in (["--data", str(fifo)], ["--image", str(fifo), "--prompt", "hi"]):
         result = CliRunner().invoke(main, ["trace", "micro-ltdr", *args, "-o", str(tmp_path / "out")])
         assert result.exit_code == 1 and result.output.strip() == f"Error: {fifo}: is not a regular file (a pipe, device or socket)"
+
+
+def test_a_seed_for_a_model_directory_is_refused_not_ignored(tmp_path):
+    assert CliRunner().invoke(main, ["compile", "micro-ltdr", "-o", str(tmp_path / "m")]).exit_code == 0
+    result = CliRunner().invoke(main, ["trace", str(tmp_path / "m"), "--prompt", "hi", "--seed", "3",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--seed initialises a model built from a spec" in result.output

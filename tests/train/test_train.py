@@ -136,8 +136,9 @@ def test_the_cli_refuses_what_it_cannot_continue(tmp_path, task):
     assert again.output.strip().splitlines() == [f"Error: {tmp_path / 'r'} exists and is not empty (--resume continues it)"]
     changed = run(*args, "-o", tmp_path / "r", "--steps", 2, "--resume", "--lr", 0.5)
     assert changed.exit_code == 1 and "started with lr=0.001" in changed.output
-    unknown = run("train", "micro-moe-llava", "--data", task, "--stage", "stage9", "-o", tmp_path / "u")
-    assert unknown.exit_code == 1 and "no training stage 'stage9'; the spec has align, instruct, moe" in unknown.output
+    unknown = run("train", "micro-moe-llava", "--data", task, "--stage", "algn", "-o", tmp_path / "u")
+    assert unknown.exit_code == 1
+    assert "no training stage 'algn'; the spec has align, instruct, moe; did you mean 'align'?" in unknown.output
     assert not (tmp_path / "u").exists()
     with pytest.raises(TrainError, match="no checkpoint to resume from"):
         train("micro-moe-llava", task, tmp_path / "empty", Settings(stage="align", steps=1), resume=True)
