@@ -102,10 +102,10 @@ def tokens_section(config: dict) -> dict:
 
 
 def _rope(config: dict) -> dict:
-    rope = dict(config.get("rope_parameters") or {})
-    if not rope:  # transformers 4 spelling
-        rope = {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {})}
-        rope.setdefault("rope_type", rope.pop("type", "default"))
+    # As transformers reads it (convert_rope_params_to_dict): a transformers 4 `rope_scaling`, when
+    # set, replaces `rope_parameters` whole, even where both are written.
+    rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     return rope
 

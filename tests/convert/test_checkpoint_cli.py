@@ -111,3 +111,15 @@ def test_a_spec_transformers_cannot_compute_is_not_exported(tmp_path):
     assert run("compile", "micro-moe-llava", "-o", tmp_path / "m").exit_code == 0
     result = run("export", "hf", tmp_path / "m", "-o", tmp_path / "hf")
     assert result.exit_code == 1 and "vision tower" in result.output and not (tmp_path / "hf").exists()
+
+
+def test_a_transformers_4_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path):
+    data = {**CONFIG.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "rope_scaling": {"type": "linear", "factor": 4.0}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(data))
+    theirs = Qwen2MoeConfig.from_pretrained(tmp_path / "cfg").rope_parameters
+    assert theirs["rope_type"] == "linear" and theirs["factor"] == 4.0  # what transformers' model would run
+    assert run("import", "hf", tmp_path / "cfg", "--spec-only", "-o", tmp_path / "q.yaml").exit_code == 0
+    scaling = moebuild.load_spec(str(tmp_path / "q.yaml")).language.rope_scaling
+    assert (scaling.type, scaling.factor) == ("linear", 4.0)
