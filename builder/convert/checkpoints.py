@@ -32,6 +32,8 @@ def format_module(name: str):
 
 
 def read_config(directory: Path) -> dict:
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: not a directory (a checkpoint directory holds config.json and safetensors)")
     return _read_json(Path(directory) / "config.json")
 
 
