@@ -110,13 +110,46 @@ def _language_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     return []
 
 
+BYTE_TOKENIZER_IDS = range(3, 3 + 256)
+"""Ids the built-in byte tokenizer (`tokenizer: null`) gives text: byte b is id b + 3, after pad, bos and eos
+(moebuild.model.tokenizer, which schemas/ does not import: it is builder code)."""
+
+
 def _token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     vocab = spec.language.vocab_size
-    return [
+    problems = [
         (("tokens", name), f"must be < language.vocab_size ({vocab}), got {value}")
         for name, value in spec.tokens.model_dump().items()
         if value is not None and value >= vocab
     ]
+    return problems or _image_token_rules(spec)
+
+
+def _image_token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    """The image placeholder needs an id that no special token and no text has: the model takes
+    every occurrence of it for a picture's token."""
+    image, vocab, t = spec.image_token_id, spec.language.vocab_size, spec.tokens
+    if image is None:  # text-only
+        return []
+    if t.image is not None:
+        at, what = ("tokens", "image"), str(image)
+    else:
+        at = ("language", "vocab_size")
+        what = f"with tokens.image null the image placeholder is vocab_size - 1 = {image}, which"
+    special = next((name for name in ("pad", "bos", "eos") if getattr(t, name) == image), None)
+    if special is not None:
+        return [(at, f"{what} is also tokens.{special}; the image placeholder needs an id of its own")]
+    ids = BYTE_TOKENIZER_IDS
+    # below the byte range's end the byte tokenizer refuses to run, so a defaulted id there is no collision
+    if spec.tokenizer is None and image in ids and (t.image is not None or vocab >= ids.stop):
+        if vocab > ids.stop:
+            fix = f"set tokens.image outside that range (e.g. {vocab - 1})"
+        else:
+            there = " and set tokens.image there" if t.image is not None else ""
+            fix = f"raise language.vocab_size past {ids.stop}{there}, or name a tokenizer directory (tokenizer: ...)"
+        return [(at, f"{what} is a byte id of the built-in byte tokenizer (tokenizer: null gives byte b the id b + 3, "
+                     f"so text takes ids {ids.start}..{ids.stop - 1}); {fix}")]
+    return []
 
 
 def _moe_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
@@ -203,7 +236,11 @@ def _training_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
     if spec.tokens.eos is None:
         problems.append((("tokens", "eos"), "null, but the training stages end every answer with eos (so the model "
                                              "learns to stop); set it, or drop the training section"))
+    first: dict[str, int] = {}
     for i, stage in enumerate(spec.training.stages):
+        if first.setdefault(stage.name, i) < i:
+            problems.append((("training", "stages", i, "name"),
+                             f"stage '{stage.name}' is already named at training.stages[{first[stage.name]}]"))
         for j, pattern in enumerate(stage.trainable):
             root = pattern.split(".", 1)[0]
             if root not in TRAINABLE_ROOTS:

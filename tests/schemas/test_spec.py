@@ -177,6 +177,12 @@ def test_trainable_pattern_names_a_component():
     ]
 
 
+def test_stage_names_are_unique():
+    data = _edit(LLAVA, lambda d: d["training"]["stages"][2].update(name="align"))
+    assert _problems(data) == [
+        (("training", "stages", 2, "name"), "stage 'align' is already named at training.stages[0]")]
+
+
 def test_image_token_defaults_to_last_id():
     assert ModelSpec.model_validate(LLAVA).image_token_id == 511
 
