@@ -63,6 +63,34 @@ def test_unlocatable_and_override_errors(args, line):
     assert result.stderr.splitlines() == [line]
 
 
+def test_a_directory_named_after_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "micro-moe-llava").mkdir()
+    result = run("show", "micro-moe-llava")
+    assert result.exit_code == 0 and "name: micro-moe-llava" in result.stdout
+    result = run("validate", "./micro-moe-llava")
+    assert result.stderr == "./micro-moe-llava: error: is a directory, not a YAML spec file\n"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["validate", "micro-moe-llava", "--set", "tokens.image=1"],
+     "<override 'tokens.image=1'>:1:14: error: tokens.image: 1 is also tokens.bos; the image placeholder needs an id "
+     "of its own"),
+    (["validate", "micro-moe-llava", "--set", "tokens.image=5"],
+     "<override 'tokens.image=5'>:1:14: error: tokens.image: 5 is a byte id of the built-in byte tokenizer "
+     "(tokenizer: null gives byte b the id b + 3, so text takes ids 3..258); set tokens.image outside that range "
+     "(e.g. 511)"),
+    (["validate", "micro-moe-llava", "--set", "language.num_layers=2", "--set", "language.num_layers=6"],
+     "<override 'language.num_layers=6'>:1:1: error: language.num_layers: the same key as the override "
+     "'language.num_layers=2' before it; give each key once (the last would silently win)"),
+    (["validate", "micro-moe-llava.yaml"], "micro-moe-llava.yaml: error: no such file; did you mean the preset "
+                                           "'micro-moe-llava'?"),
+])
+def test_refusals_are_one_located_line(args, line):
+    result = run(*args)
+    assert result.exit_code == 1 and result.stderr.splitlines() == [line]
+
+
 def test_validate_reports_every_spec_and_every_error():
     result = run("validate", "micro-ltdr", "broken/many_errors.yaml", "broken/wrong_type.yaml")
     assert result.exit_code == 1

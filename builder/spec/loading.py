@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ruamel.yaml.representer import RoundTripRepresenter
 
 from moebuild.spec import presets
 from moebuild.spec.diagnose import declares, validation_diagnostics
-from moebuild.spec.errors import Diagnostic, SpecError, SpecPath
+from moebuild.spec.errors import Diagnostic, SpecError, SpecPath, did_you_mean
 from moebuild.spec.interpolation import interpolate
 from moebuild.spec.overrides import apply_overrides
 from moebuild.spec.tree import Node, Pos, merge, node_at, read_yaml, to_plain
@@ -39,7 +40,7 @@ def load_spec(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()):
     """
     spec, root, problems = _validated(_model_spec(), name_or_path, overrides)
     if spec is not None:
-        problems += _pretrained_problems(spec, root)
+        problems += _pretrained_problems(spec, root) + _tokenizer_problems(spec, root)
     _raise_if_any(problems)
     return spec
 
@@ -82,6 +83,41 @@ def _pretrained_problems(spec, root: Node) -> list[Diagnostic]:
             continue
         problems.append(node.pos.error(where, f"{path!r}: {message}"))
     return problems
+
+
+_TOKENIZER_VOCABULARIES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+"""Vocabulary files of transformers' slow tokenizers; each needs a tokenizer_config.json or config.json naming
+the class that reads it (without one AutoTokenizer cannot pick a class, or builds a one-token tokenizer)."""
+
+
+def _tokenizer_problems(spec, root: Node) -> list[Diagnostic]:
+    """A `tokenizer:` directory must hold what AutoTokenizer loads: a tokenizer.json (complete on its own), or
+    a vocabulary file and the config naming its class. Checked here, without transformers, so that
+    validate catches what trace and train would fail on."""
+    if spec.tokenizer is None:
+        return []
+    directory = Path(spec.tokenizer)
+    if not directory.is_dir():
+        if directory.exists():
+            message = "is a file; give the tokenizer's directory"
+        else:
+            message = "no such directory"
+            if not directory.is_absolute() and not spec.tokenizer.startswith("."):  # reads like a hub name
+                message += " (tokenizer: names a local directory; moebuild downloads nothing)"
+    elif (directory / "tokenizer.json").is_file():
+        return []
+    else:
+        vocabularies = [name for name in _TOKENIZER_VOCABULARIES if (directory / name).is_file()]
+        configs = [name for name in ("tokenizer_config.json", "config.json") if (directory / name).is_file()]
+        if vocabularies and configs:
+            return []
+        if vocabularies:
+            message = f"holds {vocabularies[0]} but no tokenizer_config.json or config.json naming its tokenizer class"
+        else:
+            message = ("holds no tokenizer.json and no vocabulary file (" + ", ".join(_TOKENIZER_VOCABULARIES) + ")"
+                       + (f"; {configs[0]} alone is not a tokenizer" if configs else ""))
+    node, _ = node_at(root, ("tokenizer",))
+    return [node.pos.error(("tokenizer",), f"{spec.tokenizer!r}: {message}")]
 
 
 PICKLES_REFUSED = ("only pickled .bin/.pt weights, which moebuild never loads (unpickling can run code): convert them "
@@ -150,6 +186,9 @@ def _resolve(model: type, name_or_path, overrides) -> tuple[Node, list[Diagnosti
 def _locate_top(name_or_path: str | os.PathLike) -> tuple[Path, str]:
     text = os.fspath(name_or_path)
     if _looks_like_path(name_or_path):
+        hint = "" if os.path.lexists(text) else _preset_hint(text)
+        if hint:
+            raise SpecError([Pos(text).error((), f"no such file{hint}")])
         return Path(text), text
     try:
         return presets.preset_path(text), text
@@ -158,9 +197,22 @@ def _locate_top(name_or_path: str | os.PathLike) -> tuple[Path, str]:
 
 
 def _looks_like_path(name: str | os.PathLike) -> bool:
+    """A path object, or a name with a separator or a YAML suffix, or a bare name that exists here;
+    but a bare preset name means the preset unless a regular file has that name (a directory named
+    after a preset must not hide it; ``./name`` is always the path)."""
     text = os.fspath(name)
-    return (not isinstance(name, str) or "/" in text or os.sep in text
-            or text.endswith(_YAML_SUFFIXES) or os.path.exists(text))
+    if not isinstance(name, str) or "/" in text or os.sep in text or text.endswith(_YAML_SUFFIXES):
+        return True
+    return os.path.exists(text) and (os.path.isfile(text) or text not in presets.list_presets())
+
+
+def _preset_hint(name: str) -> str:
+    """``"; did you mean the preset 'x'?"`` for a YAML file name that does not exist and is close to a preset's."""
+    stem = Path(name).name
+    if not stem.endswith(_YAML_SUFFIXES):
+        return ""
+    close = did_you_mean(stem.rsplit(".", 1)[0], presets.list_presets())
+    return close.replace("did you mean", "did you mean the preset")
 
 
 def _load_chain(path: Path, shown: str, chain: list[tuple[Path, str]], problems: list[Diagnostic]) -> Node:
@@ -198,14 +250,28 @@ def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tup
             raise fail(f"base file '{name}' must be a path relative to this spec, not an absolute one")
         path = including.parent / name
         if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise fail(f"base file '{name}' {what} (looked at {_display(path)})")
+            hint = "" if os.path.lexists(path) else _preset_hint(name)
+            raise fail(f"base file '{name}' {_not_a_file(path)} (looked at {_display(path)}){hint}")
         return path, _display(path)
     try:
         path = presets.preset_path(name)
     except LookupError as exc:
         raise fail(exc.args[0]) from None
     return path, _display(path)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which is no regular file, cannot be a base (stat only: a pipe is never opened)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symlink" if os.path.lexists(path) else "does not exist"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"is not a regular file but {kind}"
 
 
 def _display(path: Path) -> str:

@@ -8,6 +8,9 @@ positioned at ``<override 'a.b=1'>``, so a later error names the override.
 A key the schema declares counts as existing even where the spec leaves it to its default,
 so ``moe.dispatch.backend=torch`` works on a spec that never wrote ``dispatch``.
 ``base`` is refused: the base chain is merged before overrides apply, so changing it would do nothing.
+No override may silently undo an earlier one: the same key twice (``a=1 a=2``), or a later override
+above an earlier one that deletes, replaces or rewrites its key (``a.b=1 a={b: 2}``), is refused.
+A later override below an earlier one refines it (``a={b: 1} a.c=2``) and is applied in order.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from moebuild.spec.errors import (
     did_you_mean,
     format_path,
 )
-from moebuild.spec.tree import DELETE, MAX_DEPTH, Node, Pos, merge, read_value
+from moebuild.spec.tree import DELETE, MAX_DEPTH, REPLACE, Node, Pos, merge, read_value
 
 _SEGMENT = re.compile(r"([A-Za-z_][\w-]*|\d+)((?:\[\d+\])*)")
 
@@ -35,9 +38,14 @@ class Override:
     path: SpecPath
     value: Node | None
 
+    @property
+    def shown(self) -> str:
+        if len(self.text) <= 80:
+            return repr(self.text)
+        return repr(self.text[:60]) + f"... ({len(self.text):,} characters)"
+
     def pos(self, col: int = 1) -> Pos:
-        shown = self.text if len(self.text) <= 80 else f"{self.text[:60]}... ({len(self.text):,} characters)"
-        return Pos(f"<override {shown!r}>", 1, col)
+        return Pos(f"<override {self.shown}>", 1, col)
 
     def error(self, message: str, path: SpecPath | None = None) -> Diagnostic:
         return self.pos().error(self.path if path is None else path, message)
@@ -50,6 +58,7 @@ Declared = Callable[[Node, SpecPath], bool]
 def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: list[Diagnostic],
                     declared: Declared = lambda root, path: False) -> None:
     """Apply each override to ``root`` in place; a bad one becomes a diagnostic and is skipped."""
+    applied: list[Override] = []
     for text in texts:
         try:
             override = parse_override(text)
@@ -59,7 +68,52 @@ def apply_overrides(root: Node, texts: tuple[str, ...] | list[str], problems: li
         if override.path[0] == "base":
             problems.append(_base_refused(override))
             continue
+        undone = next(((earlier, path) for earlier in applied if (path := _undoes(override, earlier))), None)
+        if undone is not None:
+            problems.append(_undoes_error(override, *undone))
+            continue
+        applied.append(override)
         _apply(root, override, problems, lambda path: declared(root, path))
+
+
+def _undoes(later: Override, earlier: Override) -> SpecPath | None:
+    """What of ``earlier`` that ``later`` would silently undo: the same key, or a key ``earlier`` wrote
+    below ``later``'s that ``later`` deletes, replaces, or merges a new value for. A later override
+    below an earlier one refines it (``a={b: 1}`` then ``a.c=2``) and is fine."""
+    if later.path == earlier.path:
+        return earlier.path
+    return next((path for path in _written(earlier.path, earlier.value) if _reaches(later, path)), None)
+
+
+def _written(path: SpecPath, value: Node | None) -> list[SpecPath]:
+    """The keys an override sets: a mapping value merges, so each of its leaves; anything else, the key itself."""
+    if value is None or not isinstance(value.value, dict) or not value.value:
+        return [path]
+    return [leaf for key, child in value.value.items() for leaf in _written((*path, key), child)]
+
+
+def _reaches(later: Override, path: SpecPath) -> bool:
+    if path[: len(later.path)] != later.path:
+        return False
+    if later.op == "~":
+        return True
+    node = later.value
+    for key in path[len(later.path):]:
+        if node.tag == REPLACE or not isinstance(node.value, dict):
+            return True  # lists, scalars and !replace replace the whole value under them
+        node = node.value.get(key, node.value.get(str(key)))
+        if node is None:
+            return False
+    return True
+
+
+def _undoes_error(later: Override, earlier: Override, path: SpecPath) -> Diagnostic:
+    if later.path == earlier.path:
+        return later.error(f"the same key as the override {earlier.shown} before it; give each key once "
+                           "(the last would silently win)")
+    verb = "delete" if later.op == "~" else "overwrite"
+    return later.error(f"would {verb} {format_path(path)}, which the override {earlier.shown} before it "
+                       "sets; give the key once, or put the more specific override last")
 
 
 class _BadOverride(Exception):

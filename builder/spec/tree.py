@@ -34,7 +34,7 @@ MAX_DEPTH = 32
 MAX_VALUES = 20_000
 """Most values one file or override may hold once its aliases are expanded."""
 _YAML_TAG = "tag:yaml.org,2002:"
-_MAP, _SEQ, _MERGE = _YAML_TAG + "map", _YAML_TAG + "seq", _YAML_TAG + "merge"
+_MAP, _SEQ, _MERGE, _INT = (_YAML_TAG + t for t in ("map", "seq", "merge", "int"))
 _SCALARS = {_YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
@@ -204,15 +204,18 @@ class _YamlReader:
         self.problems.append(pos.error(path, f"unknown tag '{shown}'; expected {DELETE} or {REPLACE}{why}"))
 
     def _scalar(self, node, pos: Pos, path: SpecPath) -> Any:
+        too_big = "cannot read this value: integers in a spec fit in 64 bits"
         try:
             value = _scalar(self.yaml.constructor.construct_object(node, deep=True))
-        except (ValueError, YAMLError) as exc:  # e.g. an integer beyond Python's 4,300-digit limit
-            reason = first_line(exc).split(";")[0]
-            self.problems.append(pos.error(path, f"cannot read this value: {reason}"))
+        except (ValueError, YAMLError) as exc:
+            if _tag_name(node) == _INT:  # a decimal integer past Python's 4,300-digit limit for int(str)
+                self.problems.append(pos.error(path, too_big))
+            else:
+                self.problems.append(pos.error(path, f"cannot read this value: {first_line(exc).split(';')[0]}"))
             return None
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
             # hex, octal and binary escape Python's digit limit, and no spec number needs more
-            self.problems.append(pos.error(path, "cannot read this value: integers in a spec fit in 64 bits"))
+            self.problems.append(pos.error(path, too_big))
             return None
         return value
 

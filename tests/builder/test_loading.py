@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -123,6 +124,73 @@ def test_missing_base_file(tmp_path):
     assert line.startswith(f"{spec}:1:7: error: base: base file '../nowhere.yaml' does not exist")
 
 
+@pytest.mark.parametrize("base, says", [
+    ("micro-moe-llava.yaml", "base file 'micro-moe-llava.yaml' does not exist (looked at micro-moe-llava.yaml); "
+                             "did you mean the preset 'micro-moe-llava'?"),
+    ("sub/micro-ltdr.yml", "base file 'sub/micro-ltdr.yml' does not exist (looked at sub/micro-ltdr.yml); "
+                           "did you mean the preset 'micro-ltdr'?"),
+    ("fifo.yaml", "base file 'fifo.yaml' is not a regular file but a pipe (looked at fifo.yaml)"),
+    ("zero.yaml", "base file 'zero.yaml' is not a regular file but a device (looked at zero.yaml)"),
+    ("dangling.yaml", "base file 'dangling.yaml' is a broken symlink (looked at dangling.yaml)"),
+    ("dir.yaml", "base file 'dir.yaml' is a directory (looked at dir.yaml)"),
+])
+def test_a_base_that_is_no_file_says_what_it_is(base, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("fifo.yaml")
+    os.symlink("/dev/zero", "zero.yaml")
+    os.symlink("nowhere.yaml", "dangling.yaml")
+    os.mkdir("dir.yaml")
+    write(tmp_path / "s.yaml", f"base: {base}\n")
+    assert errors("s.yaml") == [f"s.yaml:1:7: error: base: {says}"]
+
+
+def test_a_spec_file_named_after_a_preset_that_does_not_exist_suggests_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert errors("micro-moe-llava.yaml") == ["micro-moe-llava.yaml: error: no such file; "
+                                              "did you mean the preset 'micro-moe-llava'?"]
+    assert errors("unrelated.yaml") == ["unrelated.yaml: error: no such file"]
+
+
+def test_a_directory_named_after_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("micro-moe-llava")
+    assert load_spec("micro-moe-llava") == load_spec(preset_path("micro-moe-llava"))
+    assert errors("./micro-moe-llava") == ["./micro-moe-llava: error: is a directory, not a YAML spec file"]
+    write(tmp_path / "micro-ltdr", "name: x\n")  # a regular file of that name is still the file
+    assert errors("micro-ltdr") == ["micro-ltdr:1:1: error: missing required key 'language'"]
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("files, tokenizer, says", [
+    ({}, "gpt2", "'gpt2': no such directory (tokenizer: names a local directory; moebuild downloads nothing)"),
+    ({}, "/no/such/dir", "'/no/such/dir': no such directory"),
+    ({}, "/etc/passwd", "'/etc/passwd': is a file; give the tokenizer's directory"),
+    ({}, "tok", "'tok': holds no tokenizer.json and no vocabulary file (tokenizer.model, spiece.model, "
+                "sentencepiece.bpe.model, vocab.json, vocab.txt)"),
+    ({"tokenizer_config.json": "{}"}, "tok", "'tok': holds no tokenizer.json and no vocabulary file (tokenizer.model, "
+                                             "spiece.model, sentencepiece.bpe.model, vocab.json, vocab.txt); "
+                                             "tokenizer_config.json alone is not a tokenizer"),
+    ({"vocab.txt": "a\n"}, "tok", "'tok': holds vocab.txt but no tokenizer_config.json or config.json naming its "
+                                  "tokenizer class"),
+])
+def test_tokenizer_directory_must_hold_a_tokenizer(files, tokenizer, says, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok").mkdir()
+    for name, text in files.items():
+        (tmp_path / "tok" / name).write_text(text)
+    write(tmp_path / "s.yaml", f"base: micro-moe-llava\ntokenizer: {tokenizer}\n")
+    assert errors("s.yaml") == [f"s.yaml:2:12: error: tokenizer: {says}"]
+
+
+@pytest.mark.parametrize("files", [{"tokenizer.json": "{}"}, {"tokenizer.model": "", "tokenizer_config.json": "{}"},
+                                   {"vocab.json": "{}", "config.json": "{}"}])
+def test_tokenizer_directories_that_pass(files, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert load_spec("micro-moe-llava", [f"tokenizer={tmp_path}"]).tokenizer == str(tmp_path)
+
+
 # --- overrides ---------------------------------------------------------------------------------
 
 def test_override_forms():
@@ -179,6 +247,47 @@ def test_override_cross_field_error_names_the_override():
 def test_bad_override(override, message):
     lines = errors("micro-moe-llava", [override])
     assert lines == [f"<override {override!r}>:1:1: error: {message}"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["language.num_layers=2", "language.num_layers=6"],
+     "language.num_layers: the same key as the override 'language.num_layers=2' before it; give each key once "
+     "(the last would silently win)"),
+    (["moe.routes.0.router.dtype=float32", "++moe.routes[0].router.dtype=bfloat16"],
+     "moe.routes[0].router.dtype: the same key as the override 'moe.routes.0.router.dtype=float32' before it; "
+     "give each key once (the last would silently win)"),
+    (["~moe.balancing", "+moe.balancing=[]"],
+     "moe.balancing: the same key as the override '~moe.balancing' before it; give each key once "
+     "(the last would silently win)"),
+    (["moe.routes.0.router.capacity.train=1.2", "moe.routes.0.router={capacity: {train: 1.3}}"],
+     "moe.routes[0].router: would overwrite moe.routes[0].router.capacity.train, which the override "
+     "'moe.routes.0.router.capacity.train=1.2' before it sets; give the key once, or put the more specific "
+     "override last"),
+    (["moe.routes.0.router.capacity={train: 1.2, eval: 2.5}", "moe.routes.0.router={capacity: {eval: 1.3}}"],
+     "moe.routes[0].router: would overwrite moe.routes[0].router.capacity.eval, which the override "
+     "'moe.routes.0.router.capacity={train: 1.2, eval: 2.5}' before it sets; give the key once, or put the more "
+     "specific override last"),
+    (["moe.routes.0.router.capacity.train=1.2", "moe.routes=[{pool: experts}]"],
+     "moe.routes: would overwrite moe.routes[0].router.capacity.train, which the override "
+     "'moe.routes.0.router.capacity.train=1.2' before it sets; give the key once, or put the more specific "
+     "override last"),
+    (["moe.pools.experts.num_experts=8", "~moe"],
+     "moe: would delete moe.pools.experts.num_experts, which the override 'moe.pools.experts.num_experts=8' before "
+     "it sets; give the key once, or put the more specific override last"),
+])
+def test_an_override_may_not_undo_an_earlier_one(overrides, message):
+    assert errors("micro-moe-llava", overrides) == [f"<override {overrides[1]!r}>:1:1: error: {message}"]
+
+
+def test_overrides_that_refine_earlier_ones_apply_in_order():
+    data = resolve_spec("micro-moe-llava", [
+        "moe.routes.0.router.capacity={train: 1.2}", "moe.routes.0.router.capacity.eval=1.3",  # below: refines
+        "moe.routes.0.router.capacity.min=1", "moe.routes.0.router={dtype: bfloat16}",  # above, merging other keys
+        "moe.layers=[0, 1]", "moe.layers.1=2",
+    ])
+    assert data["moe"]["routes"][0]["router"]["capacity"] == {"train": 1.2, "eval": 1.3, "min": 1}
+    assert data["moe"]["routes"][0]["router"]["dtype"] == "bfloat16"
+    assert data["moe"]["layers"] == [0, 2]
 
 
 def test_bad_override_value_yaml():
