@@ -40,7 +40,7 @@ from moebuild.moe.experts import ExpertPool
 from moebuild.moe.routers.base import DTYPES, Router, init_router
 from moebuild.registry import build_components
 from moebuild.schemas import ModelSpec
-from moebuild.spec.errors import BuildError, SpecError
+from moebuild.spec.errors import BuildError
 
 
 @dataclass
@@ -424,13 +424,11 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
 
 def _check_moebuild_config(directory: Path) -> ModelSpec:
     """The spec of `directory`'s config.json; a CheckpointError unless it is a moebuild model's whose
-    fields and spec.yaml agree with that spec (the spec alone decides what is built)."""
+    fields agree with that spec (the spec alone decides what is built)."""
     import json
 
     from moebuild.model.config import derived_fields
     from moebuild.model.pretrained import CheckpointError, validated_spec
-    from moebuild.spec.loading import load_spec
-
     path = directory / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -446,14 +444,6 @@ def _check_moebuild_config(directory: Path) -> ModelSpec:
               if key in config and config[key] != value]
     if differ:
         raise CheckpointError(f"{path} disagrees with its own spec: {', '.join(differ)}")
-    if (directory / "spec.yaml").is_file():
-        try:
-            beside = load_spec(directory / "spec.yaml")
-        except SpecError as exc:
-            raise CheckpointError(f"{directory / 'spec.yaml'}: {str(exc).splitlines()[0]}") from None
-        if beside.model_dump(mode="json") != spec.model_dump(mode="json"):
-            raise CheckpointError(f"{directory / 'spec.yaml'} differs from the spec in config.json, which is the one "
-                                  "that loads; restore it (`moebuild show` prints a spec) or compile again")
     return spec
 
 

@@ -113,10 +113,6 @@ class Encoder:
             if image is not None and ids[self.max_length:].count(self.image_token_id):
                 raise DataError(f"{where}: {len(ids)} tokens; cutting to max_length {self.max_length} would cut the image")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE for label in labels):  # its loss would be 0/0: a NaN that ends the run
-            why = "no gpt turn" if all(t.get("from") != "gpt" for t in record["conversations"]) else \
-                f"cutting to max_length {self.max_length} leaves no answer token"
-            raise DataError(f"{where}: nothing to learn from ({why})")
         if processed is None:
             return Example(ids, labels, None)
         return Example(ids, labels, processed.pixel_values, processed.tile_grids[0] if processed.tile_grids else None)
@@ -147,7 +143,14 @@ class Encoder:
 
 def encode_file(path: Path, encoder: Encoder, image_folder: Path | None = None) -> list[Example]:
     root = Path(image_folder) if image_folder is not None else Path(path).parent
-    return [encoder.encode(record, where, root) for where, record in read_records(path)]
+    examples = []
+    for where, record in read_records(path):
+        examples.append(encoder.encode(record, where, root))
+        if all(label == IGNORE for label in examples[-1].labels):  # its loss would be 0/0: a nan that ends the run
+            why = "no gpt turn" if all(t.get("from") != "gpt" for t in record["conversations"]) else \
+                f"cutting to max_length {encoder.max_length} leaves no answer token"
+            raise DataError(f"{where}: nothing to learn from ({why})")
+    return examples
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
