@@ -21,10 +21,9 @@ class MoEVLMConfig(PretrainedConfig):
         self.spec = spec
         if spec is not None:
             derived = derived_fields(ModelSpec.model_validate(spec))
-            differ = [f"{key} {kwargs[key]!r} (its spec: {value!r})" for key, value in derived.items()
-                      if key in kwargs and kwargs[key] != value]
+            differ = disagreements(derived, kwargs)
             if differ:  # the spec builds the modules: a config saying otherwise would describe another model
-                raise ValueError(f"the config disagrees with its own spec: {', '.join(differ)}")
+                raise ValueError(f"the config disagrees with its own spec: {differ}")
             kwargs.update(derived)
         super().__init__(**kwargs)
 
@@ -54,3 +53,9 @@ def derived_fields(spec: ModelSpec) -> dict:
             "bos_token_id": spec.tokens.bos, "eos_token_id": spec.tokens.eos,
             "image_token_id": spec.image_token_id,  # None for a text-only model
             "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size, "num_hidden_layers": lang.num_layers}
+
+
+def disagreements(derived: dict, config: dict) -> str:
+    """`config`'s fields that differ from the spec's `derived_fields`, as text ("" when none)."""
+    return ", ".join(f"{key} {config[key]!r} (its spec: {value!r})" for key, value in derived.items()
+                     if key in config and config[key] != value)

@@ -314,9 +314,9 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{directory}: no config.json (a model directory holds config.json, spec.yaml "
                                   "and model.safetensors)")
-        spec = _check_moebuild_config(directory)
+        spec, config = _read_moebuild_config(directory)
         try:
-            check_memory(spec, _loading_dtype(directory, kwargs), torch.device("cpu"))  # before anything is allocated
+            check_memory(spec, _loading_dtype(config, kwargs), torch.device("cpu"))  # before anything is allocated
         except BuildError as exc:
             raise CheckpointError(str(exc)) from None
         expert_parallel = kwargs.pop("expert_parallel", None)
@@ -422,12 +422,12 @@ class MoEVLMForConditionalGeneration(MoEVLMPreTrainedModel, GenerationMixin):
         return self.apply_stage(stage).trainable
 
 
-def _check_moebuild_config(directory: Path) -> ModelSpec:
-    """The spec of `directory`'s config.json; a CheckpointError unless it is a moebuild model's whose
+def _read_moebuild_config(directory: Path) -> tuple[ModelSpec, dict]:
+    """`directory`'s config.json and its spec; a CheckpointError unless it is a moebuild model's whose
     fields agree with that spec (the spec alone decides what is built)."""
     import json
 
-    from moebuild.model.config import derived_fields
+    from moebuild.model.config import derived_fields, disagreements
     from moebuild.model.pretrained import CheckpointError, validated_spec
     path = directory / "config.json"
     try:
@@ -440,20 +440,17 @@ def _check_moebuild_config(directory: Path) -> ModelSpec:
         raise CheckpointError(f"{directory}: not a moebuild model directory ({found}; `moebuild import` converts "
                               "released checkpoints)")
     spec = validated_spec(config["spec"], str(path))
-    differ = [f"{key} {config[key]!r} (its spec: {value!r})" for key, value in derived_fields(spec).items()
-              if key in config and config[key] != value]
+    differ = disagreements(derived_fields(spec), config)
     if differ:
-        raise CheckpointError(f"{path} disagrees with its own spec: {', '.join(differ)}")
-    return spec
+        raise CheckpointError(f"{path} disagrees with its own spec: {differ}")
+    return spec, config
 
 
-def _loading_dtype(directory: Path, kwargs: dict) -> torch.dtype:
+def _loading_dtype(config: dict, kwargs: dict) -> torch.dtype:
     """The dtype `from_pretrained` will allocate in: the caller's, else the checkpoint's, else float32."""
-    import json
-
     wanted = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if wanted in (None, "auto"):
-        wanted = json.loads((directory / "config.json").read_text()).get("dtype") or "float32"
+        wanted = config.get("dtype") or "float32"
     return getattr(torch, wanted) if isinstance(wanted, str) else wanted
 
 

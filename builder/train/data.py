@@ -76,11 +76,10 @@ class Encoder:
         self.image_token_id, self.max_length = image_token_id, max_length
 
     def encode(self, record, where: str, image_root: Path) -> Example:
+        if isinstance(record, dict):  # a typo first: 'conversation' would otherwise read as a missing list
+            _unknown_keys(record, RECORD_KEYS, where)
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
-            if isinstance(record, dict):
-                _unknown_keys(record, RECORD_KEYS, where)
             raise DataError(f"{where}: expected an object with a non-empty 'conversations' list")
-        _unknown_keys(record, RECORD_KEYS, where)
         image = record.get("image")
         if image is not None and not isinstance(image, str):
             raise DataError(f"{where}: 'image' must be a path (a string), not {type(image).__name__}")
