@@ -35,6 +35,15 @@ class _Finite(click.FloatRange):
         return number
 
 
+class _Output(click.Path):
+    """A click.Path that refuses '': pathlib reads it as '.', so `-o ''` would name the current directory."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("the output path is empty; give a file or directory name", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 SEED = click.IntRange(0, 2**32 - 1)  # what every RNG here takes (the data order derives per-epoch seeds from it)
 
 
@@ -192,7 +201,7 @@ def validate(specs: tuple[str, ...], overrides: tuple[str, ...]):
 
 
 @main.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", type=_Output(dir_okay=False, path_type=Path),
               help="Write to this file instead of stdout.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def schema(output: Path | None, force: bool):
@@ -245,7 +254,7 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
 
 @main.command("compile")
 @click.argument("spec")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(file_okay=False, path_type=Path),
               help="Directory to write the model to (config.json, model.safetensors, spec.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--device", type=click.Choice(["cpu", "meta"]), default="cpu", show_default=True,
@@ -304,7 +313,7 @@ _FORMATS = ["hf", "deepseek_vl2", "moe_llava", "ltdr"]  # moebuild.convert.check
 @main.command("import")
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(_FORMATS))
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(path_type=Path),
               help="Model directory to write (with --spec-only: the spec's YAML file).")
 @click.option("--spec", "spec_name", metavar="SPEC",
               help="Load into this spec (a preset or a file) instead of the one the checkpoint's config.json implies.")
@@ -361,7 +370,7 @@ def import_cmd(fmt: str, checkpoint: Path, output: Path, spec_name: str | None, 
 @main.command("export")
 @click.argument("fmt", metavar="FORMAT", type=click.Choice(_FORMATS))
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(file_okay=False, path_type=Path),
               help="Directory to write the checkpoint to (config.json, model.safetensors).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if moebuild wrote everything in it.")
 def export_cmd(fmt: str, model_dir: Path, output: Path, force: bool):
@@ -387,7 +396,7 @@ def export_cmd(fmt: str, model_dir: Path, output: Path, force: bool):
 
 @main.command()
 @click.argument("spec")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(dir_okay=False, path_type=Path),
               help="File to draw to; its extension picks the format: .svg, .png, .dot (or .gv).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -473,7 +482,7 @@ def bench_moe_cmd(experts, top_k, hidden, intermediate, shared_experts, tokens, 
 @click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="LLaVA-format records (.json list or .jsonl); image paths relative to the file or --image-folder.")
 @click.option("--stage", help="Training stage of the spec to run (training.stages); default: train everything.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(file_okay=False, path_type=Path),
               help="Run directory: checkpoint-<step>/ model directories and log.jsonl.")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimiser steps in all.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint.")
@@ -615,7 +624,7 @@ def spec_json_schema() -> dict:
                    "relative to the file.")
 @click.option("--image", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="One image (with --prompt).")
 @click.option("--prompt", help="One prompt; `<image>` marks where the image goes (default: at the start).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", required=True, type=_Output(file_okay=False, path_type=Path),
               help="Directory to write routing.json, the PNG figures and report.html to.")
 @click.option("--layer", type=int, help="Decoder layer of the patch maps (default: the first MoE layer).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)

@@ -152,6 +152,19 @@ def test_schema_replaces_a_file_only_with_force(tmp_path):
     assert json.loads(out.read_text())["title"] == "moebuild spec"
 
 
+@pytest.mark.parametrize("argv", [
+    ["schema"], ["compile", "micro-moe-llava"], ["graph", "micro-moe-llava"], ["import", "hf", "."],
+    ["import", "hf", ".", "--spec-only"], ["export", "hf", "."], ["trace", "micro-moe-llava", "--prompt", "hi"],
+    ["train", "micro-moe-llava", "--data", "records.jsonl"],
+], ids=lambda argv: " ".join(argv[:2]) + (" --spec-only" if "--spec-only" in argv else ""))
+def test_an_empty_output_is_refused_as_empty(argv):
+    """Path('') is '.': without the check, -o '' read as the current directory."""
+    result = run(*argv, "-o", "")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: Invalid value for '-o' / '--output': "
+                                                       "the output path is empty; give a file or directory name")
+
+
 @pytest.mark.parametrize("verb", ["ls", "show", "validate", "schema"])
 def test_every_verb_has_help_with_examples(verb):
     result = run(verb, "--help")
