@@ -318,6 +318,13 @@ def kv_cache_elements_per_token(spec: ModelSpec) -> int:
     return spec.language.num_layers * _attention(spec.language).kv_elements
 
 
+def check_context(spec: ModelSpec, context: int) -> None:
+    """ValueError for a context past the model's positions (bench_model.check_length words it the same)."""
+    limit = spec.language.max_position_embeddings
+    if context > limit:
+        raise ValueError(f"{context} exceeds the model's {limit} positions (language.max_position_embeddings)")
+
+
 def summarize(spec: ModelSpec, context: int = DEFAULT_CONTEXT) -> Summary:
     """Parameters, active parameters, FLOPs per token at `context` keys, memory and KV cache of a spec."""
     by_modality = {m: language_component(spec, m, context) for m in MODALITIES}

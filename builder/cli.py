@@ -233,9 +233,10 @@ def schema(output: Path | None, force: bool):
 @click.argument("spec")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--context", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Context length the attention FLOPs per token are counted at.")
-def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
+@click.option("--context", type=click.IntRange(min=1),
+              help="Context length the attention FLOPs per token are counted at, at most the model's "
+                   "language.max_position_embeddings.  [default: 2048, or that maximum if smaller]")
+def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int | None):
     """Parameters (total and active per token, per component), FLOPs per token, weight memory per
     dtype and KV-cache bytes per token, computed from SPEC alone: nothing is allocated, so the
     largest presets answer at once.
@@ -245,10 +246,17 @@ def summary(spec: str, overrides: tuple[str, ...], as_json: bool, context: int):
       moebuild summary micro-deepseek-vl2
       moebuild summary my_model.yaml --json | jq .active_params
     """
-    from moebuild.accounting import summarize
+    from moebuild.accounting import DEFAULT_CONTEXT, check_context, summarize
     from moebuild.spec.loading import load_spec
 
-    report = summarize(load_spec(spec, overrides), context=context)
+    parsed = load_spec(spec, overrides)
+    if context is None:
+        context = min(DEFAULT_CONTEXT, parsed.language.max_position_embeddings)
+    try:
+        check_context(parsed, context)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--context") from None
+    report = summarize(parsed, context=context)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else summary_table(report))
 
 

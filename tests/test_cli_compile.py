@@ -117,6 +117,16 @@ def test_summary_json_has_the_contract_keys():
     assert components["language"]["embedding"] == 512 * 128
 
 
+def test_summary_refuses_a_context_past_the_positions_and_caps_its_default():
+    result = run("summary", "micro-moe-llava", "--context", "4097")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: Invalid value for --context: 4097 exceeds the model's 4096 positions (language.max_position_embeddings)")
+    assert run("summary", "micro-moe-llava", "--context", "4096", "--json").exit_code == 0
+    result = run("summary", "micro-moe-llava", "--set", "language.max_position_embeddings=1024", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["context"] == 1024  # not the 2048 it cannot reach
+
+
 @pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--seed", "7"], ["--seed", "0"]])
 def test_flags_a_meta_build_would_ignore_are_refused(tmp_path, flags):
     result = run("compile", "micro-moe-llava", "-o", str(tmp_path / "m"), "--device", "meta", *flags)
