@@ -13,11 +13,11 @@ from pathlib import Path
 from moebuild.model.pretrained import CheckpointError, read_safetensors_dir, validated_spec
 from moebuild.schemas import ModelSpec
 
-FORMATS = {  # format name -> module; LTDR checkpoints use MoE-LLaVA's naming
+FORMATS = {  # format name -> module
     "hf": "moebuild.convert.hf",
     "deepseek_vl2": "moebuild.convert.deepseek_vl2",
     "moe_llava": "moebuild.convert.moe_llava",
-    "ltdr": "moebuild.convert.moe_llava",
+    "ltdr": "moebuild.convert.ltdr",  # MoE-LLaVA's module under LTDR's name
 }
 EXPORTS = ("hf", "deepseek_vl2", "moe_llava", "ltdr")
 

@@ -1,6 +1,7 @@
 """MoE-LLaVA checkpoints (github.com/PKU-YuanGroup/MoE-LLaVA, `moellava/model/`) <-> moebuild specs
 and state dicts (the interface is in `moebuild.convert`). LTDR checkpoints are MoE-LLaVA's
-with a different routing rule for image tokens: format `ltdr` is this module.
+with a different routing rule for image tokens: format `ltdr` is this module under LTDR's name
+(`moebuild.convert.ltdr` passes `system="LTDR"`, which only the error messages and the description read).
 
 What the original config says, in spec terms:
 
@@ -57,35 +58,34 @@ FAMILIES = {"moe_llava_stablelm": "stablelm", "moe_llava_phi": "phi", "moe_llava
 ARCHITECTURES = {"stablelm": "MoELLaVAStablelmForCausalLM", "phi": "MoELLaVAPhiForCausalLM",
                  "llama": "MoELLaVALlamaForCausalLM", "qwen2": "MoELLaVAQWenForCausalLM"}
 _GATED = ("gate_proj", "up_proj", "down_proj")
-
-
-def _refuse(what: str) -> CheckpointError:
-    return CheckpointError(f"MoE-LLaVA config: {what}")
+SYSTEM = "MoE-LLaVA"
 
 
 # ------------------------------------------------------------------------------------ config -> spec
 
 
-def spec_from_config(config: dict, *, name: str) -> dict:
-    """The spec (plain dict) of a MoE-LLaVA config.json."""
-    family = FAMILIES.get(config.get("model_type"))
-    if family is None:
-        raise _refuse(f"model_type {config.get('model_type')!r}: moebuild reads {', '.join(FAMILIES)} (the "
-                      "Qwen1.5, MiniCPM and MPT backbones are not mapped yet)")
-    language = _language_section(config, family)
-    spec = {"moebuild_version": 1, "name": name, "description": "imported from a MoE-LLaVA config",
-            "vision": _vision_section(config), "connector": _connector_section(config), "language": language,
-            "tokens": tokens_section(config)}
-    moe = _moe_section(config, family)
+def spec_from_config(config: dict, *, name: str, system: str = SYSTEM) -> dict:
+    """The spec (plain dict) of a MoE-LLaVA config.json; a refusal starts `{system} config:`."""
+    try:
+        family = FAMILIES.get(config.get("model_type"))
+        if family is None:
+            raise CheckpointError(f"model_type {config.get('model_type')!r}: moebuild reads {', '.join(FAMILIES)} "
+                                  "(the Qwen1.5, MiniCPM and MPT backbones are not mapped yet)")
+        spec = {"moebuild_version": 1, "name": name, "description": f"imported from a {system} config",
+                "vision": _vision_section(config), "connector": _connector_section(config),
+                "language": _language_section(config, family), "tokens": tokens_section(config)}
+        moe = _moe_section(config, family)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{system} config: {exc}") from None
     return spec | ({"moe": moe} if moe else {})
 
 
 def _tower(config: dict) -> dict:
     tower = config.get("image_tower_config") or KNOWN_TOWERS.get(config.get("mm_image_tower"))
     if tower is None:
-        raise _refuse(f"image tower {config.get('mm_image_tower')!r} is not one moebuild knows "
-                      f"({', '.join(KNOWN_TOWERS)}); put its CLIP config.json beside config.json as "
-                      "image_tower_config.json")
+        raise CheckpointError(f"image tower {config.get('mm_image_tower')!r} is not one moebuild knows "
+                              f"({', '.join(KNOWN_TOWERS)}); put its CLIP config.json beside config.json as "
+                              "image_tower_config.json")
     return TOWER_DEFAULTS | tower
 
 
@@ -93,9 +93,10 @@ def _vision_section(config: dict) -> dict:
     tower = _tower(config)
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
-        raise _refuse(f"mm_vision_select_feature {feature!r}: CLIP features are patch or cls_patch")
+        raise CheckpointError(f"mm_vision_select_feature {feature!r}: CLIP features are patch or cls_patch")
     if config.get("mm_hidden_size", tower["hidden_size"]) != tower["hidden_size"]:
-        raise _refuse(f"mm_hidden_size {config['mm_hidden_size']} is not the tower's width {tower['hidden_size']}")
+        raise CheckpointError(f"mm_hidden_size {config['mm_hidden_size']} is not the tower's width "
+                              f"{tower['hidden_size']}")
     return {"type": "clip", "image_size": tower["image_size"], "patch_size": tower["patch_size"],
             "hidden_size": tower["hidden_size"], "num_layers": tower["num_hidden_layers"],
             "num_heads": tower["num_attention_heads"], "intermediate_size": tower["intermediate_size"],
@@ -109,7 +110,7 @@ def _connector_section(config: dict) -> dict:
         return {"type": "linear"}
     depth = re.fullmatch(r"mlp(\d+)x_gelu", kind)
     if depth is None:
-        raise _refuse(f"image_projector_type {kind!r}: moebuild has linear and mlpNx_gelu")
+        raise CheckpointError(f"image_projector_type {kind!r}: moebuild has linear and mlpNx_gelu")
     return {"type": "mlp", "depth": int(depth.group(1)), "activation": "gelu"}
 
 
@@ -120,24 +121,25 @@ def _language_section(config: dict, family: str) -> dict:
             "num_heads": heads, "intermediate_size": config["intermediate_size"], "vocab_size": config["vocab_size"],
             "hidden_act": config["hidden_act"], "max_position_embeddings": config["max_position_embeddings"],
             "rope_theta": float(config.get("rope_theta", 10000.0)),
-            "rope_scaling": rope_scaling_section(config.get("rope_scaling"), "MoE-LLaVA config: rope_scaling"),
+            "rope_scaling": rope_scaling_section(config.get("rope_scaling"), "rope_scaling"),
             "tie_word_embeddings": bool(config.get("tie_word_embeddings", False))}
     if kv_heads != heads:
         lang |= {"attention": {"type": "gqa"}, "num_kv_heads": kv_heads}
     if family == "stablelm":
         if config.get("qk_layernorm") or config.get("use_parallel_residual"):
-            raise _refuse("StableLM qk_layernorm / use_parallel_residual: moebuild's stablelm has neither")
+            raise CheckpointError("StableLM qk_layernorm / use_parallel_residual: moebuild's stablelm has neither")
         lang |= {"partial_rotary_factor": float(config.get("rope_pct", 0.25)),
                  "qkv_bias": bool(config.get("use_qkv_bias", False)), "norm_eps": float(config["norm_eps"])}
     elif family == "phi":
         if config.get("qk_layernorm"):
-            raise _refuse("Phi qk_layernorm: moebuild's phi has none")
+            raise CheckpointError("Phi qk_layernorm: moebuild's phi has none")
         lang |= {"partial_rotary_factor": float(config.get("partial_rotary_factor", 0.5)),
                  "norm_eps": float(config["layer_norm_eps"]), "lm_head_bias": False}
     elif family == "qwen2":  # Qwen v1: its SwiGLU is intermediate_size // 2 wide, q/k/v biased, no o bias
         if config.get("kv_channels", 128) * heads != config["hidden_size"] or config.get("rotary_pct", 1.0) != 1.0 \
                 or not config.get("no_bias", True):
-            raise _refuse("Qwen kv_channels * heads != hidden_size, rotary_pct < 1 or biased MLPs: not moebuild's qwen2")
+            raise CheckpointError("Qwen kv_channels * heads != hidden_size, rotary_pct < 1 or biased MLPs: "
+                                  "not moebuild's qwen2")
         lang |= {"intermediate_size": config["intermediate_size"] // 2, "hidden_act": "silu",
                  "rope_theta": float(config.get("rotary_emb_base", 10000.0)),
                  "norm_eps": float(config.get("layer_norm_epsilon", 1e-6))}
@@ -155,13 +157,13 @@ def _moe_section(config: dict, family: str) -> dict | None:
     if not moe.get("moe_enable", bool(moe)) or not moe.get("moe_layers_idx"):
         return None
     if moe.get("use_residual"):
-        raise _refuse("moe.use_residual (residual MoE: a dense FFN beside the experts, mixed by a learned "
-                      "coefficient) is not a moebuild route yet")
+        raise CheckpointError("moe.use_residual (residual MoE: a dense FFN beside the experts, mixed by a learned "
+                              "coefficient) is not a moebuild route yet")
     if moe.get("top_k_experts", 2) != 2:
-        raise _refuse(f"moe.top_k_experts {moe['top_k_experts']}: moebuild has DeepSpeed's top2gating only")
+        raise CheckpointError(f"moe.top_k_experts {moe['top_k_experts']}: moebuild has DeepSpeed's top2gating only")
     counts = set(moe["num_experts"]) if isinstance(moe["num_experts"], list) else {moe["num_experts"]}
     if len(counts) != 1:
-        raise _refuse(f"moe.num_experts {moe['num_experts']}: moebuild's MoE layers share one pool shape")
+        raise CheckpointError(f"moe.num_experts {moe['num_experts']}: moebuild's MoE layers share one pool shape")
     width = config["intermediate_size"] // 2 if family == "qwen2" else config["intermediate_size"]
     pool = {"num_experts": counts.pop(), "intermediate_size": width, "activation": config.get("hidden_act", "silu")}
     if family == "phi":
@@ -215,13 +217,13 @@ def _moe_problems(spec: ModelSpec) -> list[str]:
     return problems
 
 
-def config_from_spec(spec: ModelSpec) -> dict:
+def config_from_spec(spec: ModelSpec, system: str = SYSTEM) -> dict:
     """The MoE-LLaVA config.json (plain dict) of a spec that maps onto MoE-LLaVA's model."""
     problems = _family_problems(spec)
     if not problems and spec.moe is not None:
         problems = _moe_problems(spec)
     if problems:
-        raise _refuse(f"{spec.name} does not map onto MoE-LLaVA's model: " + "; ".join(problems))
+        raise CheckpointError(f"{spec.name} does not map onto {system}'s model: " + "; ".join(problems))
     v, c, lang = spec.vision, spec.connector, spec.language
     config = {
         "architectures": [ARCHITECTURES[lang.type]],
@@ -370,14 +372,14 @@ def _to_qwen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec, system: str = SYSTEM) -> dict[str, torch.Tensor]:
     """A MoE-LLaVA state dict -> moebuild's; every missing, left-over or mis-shaped tensor in one error
     (for a Qwen backbone, named as the other backbones name them: c_attn as q/k/v_proj, w1 as up_proj)."""
     if spec.language.type == "qwen2":
         state = _from_qwen(state)
     if spec.moe is not None and (problems := _moe_problems(spec)):
-        raise _refuse(f"{spec.name} does not map onto MoE-LLaVA's model: " + "; ".join(problems))
-    source = TensorSource(state, "the MoE-LLaVA checkpoint")
+        raise CheckpointError(f"{spec.name} does not map onto {system}'s model: " + "; ".join(problems))
+    source = TensorSource(state, f"the {system} checkpoint")
     moe_layers = set(spec.moe_layers())
     expected = expected_shapes(spec)
     out = take_renamed(source, spec, expected, lambda key: _original_name(key, spec), lambda key: in_moe_layer(key, moe_layers))
@@ -394,9 +396,10 @@ def to_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, to
     return check_complete(out, spec, source, expected)
 
 
-def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+def from_moebuild(state: dict[str, torch.Tensor], spec: ModelSpec,
+                  system: str = SYSTEM) -> tuple[dict, dict[str, torch.Tensor]]:
     """moebuild's state dict -> (MoE-LLaVA config.json, its state dict)."""
-    config = config_from_spec(spec)
+    config = config_from_spec(spec, system)
     source = TensorSource(state, "the moebuild model")
     moe_layers = set(spec.moe_layers())
     out = {_original_name(key, spec): source.take(key) for key in state if not in_moe_layer(key, moe_layers)}

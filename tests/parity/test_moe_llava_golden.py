@@ -231,6 +231,27 @@ def test_ltdr_loads_the_one_gate_into_both_routes_and_exports_it(tmp_path):
         moe_llava.from_moebuild(model.state_dict(), ltdr)
 
 
+@pytest.mark.parametrize("fmt, system", [("ltdr", "LTDR"), ("moe_llava", "MoE-LLaVA")])
+def test_refusals_name_the_format_imported(tmp_path, fmt, system):
+    """LTDR shares MoE-LLaVA's converter; its refusals still say whose config or checkpoint it was."""
+    from click.testing import CliRunner
+
+    from moebuild.cli import main
+
+    source = checkpoint_dir("stablelm", tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"image_projector_type": "qformer2_64"}))
+    result = CliRunner().invoke(main, ["import", fmt, str(source), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {system} config: image_projector_type 'qformer2_64': moebuild has linear and mlpNx_gelu\n")
+    (source / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["import", fmt, str(source), "--spec", "micro-deepseek-vl2",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: micro-deepseek-vl2 does not map onto {system}'s model: pools "), result.output
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_rope_scaling_travels_in_the_original_spelling():
     spec = moebuild.load_spec("micro-moe-llava", ["language.rope_scaling={type: linear, factor: 2.0}"])
     config = moe_llava.config_from_spec(spec)
