@@ -122,7 +122,21 @@ def _token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
         for name, value in spec.tokens.model_dump().items()
         if value is not None and value >= vocab
     ]
-    return problems or _image_token_rules(spec)
+    return problems or [*_special_token_rules(spec), *_image_token_rules(spec)]
+
+
+def _special_token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:
+    """With the byte tokenizer, pad, bos and eos need ids that no text has: a byte read as eos ends an
+    answer, one read as pad is masked out. (pad == eos is fine: real models share it.) Below the byte
+    range's end the byte tokenizer refuses to run, so a small imported model keeps its ids."""
+    ids, vocab = BYTE_TOKENIZER_IDS, spec.language.vocab_size
+    if spec.tokenizer is not None or vocab < ids.stop:
+        return []
+    free = f"below {ids.start}" + (f" or {ids.stop}..{vocab - 1}" if vocab > ids.stop else "")
+    return [(("tokens", name), f"{value} is a byte id of the built-in byte tokenizer (tokenizer: null gives byte b "
+                               f"the id b + 3, so text takes ids {ids.start}..{ids.stop - 1}); give tokens.{name} an "
+                               f"id {free}, or name a tokenizer directory (tokenizer: ...)")
+            for name in ("pad", "bos", "eos") if (value := getattr(spec.tokens, name)) in ids]
 
 
 def _image_token_rules(spec: ModelSpec) -> list[tuple[Path, str]]:

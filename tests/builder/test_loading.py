@@ -410,11 +410,11 @@ def test_merge_keys_merge_with_written_keys_winning_and_keep_their_place(tmp_pat
               causal: false
               router: {type: deepspeed_top2, capacity: &cap {train: 1.5, eval: 2.0, min: 0}}
         tokens:
-          <<: [{pad: 3, bos: 4}, {pad: 5, eos: 6}]
-          bos: 7
+          <<: [{pad: 303, bos: 304}, {pad: 305, eos: 306}]
+          bos: 307
     """)
     loaded = load_spec(spec)
-    assert (loaded.tokens.pad, loaded.tokens.bos, loaded.tokens.eos) == (3, 7, 6)
+    assert (loaded.tokens.pad, loaded.tokens.bos, loaded.tokens.eos) == (303, 307, 306)
     bad = write(tmp_path / "bad.yaml", """\
         base: micro-moe-llava
         shared: &s {pad: -1}

@@ -1,4 +1,5 @@
-"""The image placeholder id: never a special token's id, never an id the byte tokenizer gives text."""
+"""The image placeholder id: never a special token's id, never an id the byte tokenizer gives text;
+nor are pad, bos and eos with the byte tokenizer."""
 
 import copy
 from importlib.resources import files
@@ -76,4 +77,21 @@ def test_a_vocabulary_without_room_past_the_bytes_says_so():
     {"language": LLAVA["language"] | {"vocab_size": 260}},  # default 259
 ])
 def test_image_ids_that_collide_with_nothing(change):
+    ModelSpec.model_validate(copy.deepcopy(LLAVA) | change)
+
+
+@pytest.mark.parametrize("name, value", [("pad", 3), ("bos", 100), ("eos", 258)])
+def test_special_ids_are_not_byte_ids_of_the_byte_tokenizer(name, value):
+    assert problems({name: value}) == [
+        (("tokens", name), f"{value} is {BYTES}; give tokens.{name} an id below 3 or 259..511, or name a tokenizer "
+                           "directory (tokenizer: ...)")]
+
+
+@pytest.mark.parametrize("change", [
+    {"tokens": {"pad": 2}},  # pad == eos, as real models have it
+    {"tokens": {"eos": 259}},  # just past the bytes
+    {"tokens": {"eos": 5}, "tokenizer": "tok"},  # another tokenizer's ids are not known here
+    {"tokens": {"pad": 3, "bos": 5, "eos": 7}, "language": LLAVA["language"] | {"vocab_size": 128}},  # no byte tokenizer
+])
+def test_special_ids_that_collide_with_nothing(change):
     ModelSpec.model_validate(copy.deepcopy(LLAVA) | change)
