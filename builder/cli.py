@@ -516,7 +516,7 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
                                  save_every=save_every, log_every=log_every, max_length=max_length)
     try:
         model = training.load_model(source, seed)
-        training.check(model, output, settings, resume)  # refused before the stage's table is printed
+        found = training.check(model, output, settings, resume)  # refused before the stage's table is printed
         if stage is not None:
             click.echo(str(model.apply_stage(stage)))
         with click.progressbar(length=steps, label="training", show_pos=True,
@@ -525,8 +525,8 @@ def train(source: str, data: Path, stage: str | None, output: Path, steps: int, 
                 bar.current_item = loss
                 bar.update(step - bar.pos)
 
-            run = training.train(model, data, output, settings, resume=resume, image_folder=image_folder,
-                                 progress=progress)
+            run = training.train_checked(model, data, output, settings, resume_from=found[-1] if resume else None,
+                                         image_folder=image_folder, progress=progress)
     except (training.TrainError, training.DataError, CheckpointError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {output / f'checkpoint-{run.step:06d}'} (step {run.step}); log: {output / 'log.jsonl'}")

@@ -11,7 +11,7 @@ from moebuild.schemas.base import did_you_mean
 from moebuild.train.data import DataError, Encoder, encode_file
 from moebuild.train.loop import Run, Settings, TrainError, check_resumable, checkpoints
 
-__all__ = ["DataError", "Run", "Settings", "TrainError", "check", "load_model", "train"]
+__all__ = ["DataError", "Run", "Settings", "TrainError", "check", "load_model", "train", "train_checked"]
 
 
 def load_model(source: str, seed: int = 0):
@@ -25,7 +25,7 @@ def load_model(source: str, seed: int = 0):
 
 def check(model, run_dir: str | Path, settings: Settings, resume: bool = False) -> list[Path]:
     """What `train` refuses before it touches anything (a TrainError), for a caller that prints
-    before training starts; returns the run's checkpoints."""
+    before training starts (then `train_checked`); returns the run's checkpoints."""
     run_dir, spec = Path(run_dir), model.spec
     found = checkpoints(run_dir)
     if resume and not found:
@@ -53,13 +53,19 @@ def check(model, run_dir: str | Path, settings: Settings, resume: bool = False) 
 def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, resume: bool = False,
           image_folder: str | Path | None = None, progress=None) -> Run:
     """Train `source` (a model, model directory, spec or preset) on `data` into `run_dir`."""
+    model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
+    found = check(model, run_dir, settings, resume)
+    return train_checked(model, data, run_dir, settings, resume_from=found[-1] if resume else None,
+                         image_folder=image_folder, progress=progress)
+
+
+def train_checked(model, data: str | Path, run_dir: str | Path, settings: Settings, *, resume_from: Path | None,
+                  image_folder: str | Path | None = None, progress=None) -> Run:
+    """`train` once `check` has passed: `resume_from` is the checkpoint it returned last (None: a fresh run)."""
     from moebuild.model.tokenizer import load_tokenizer
     from moebuild.registry import build_processor
 
-    run_dir = Path(run_dir)
-    model = source if hasattr(source, "spec") else load_model(str(source), settings.seed)
-    spec = model.spec
-    found = check(model, run_dir, settings, resume)
+    run_dir, spec, resume = Path(run_dir), model.spec, resume_from is not None
     try:
         tokenizer = load_tokenizer(spec)
     except ValueError as exc:
@@ -74,7 +80,7 @@ def train(source, data: str | Path, run_dir: str | Path, settings: Settings, *, 
     try:
         run = Run(model, examples, Path(data), run_dir, settings, tokenizer.pad_token_id)
         if resume:
-            run.resume(found[-1])  # restores the RNG the run's router noise draws from
+            run.resume(resume_from)  # restores the RNG the run's router noise draws from
         else:
             torch.manual_seed(settings.seed)  # a fresh run's noise is a function of its seed, as on resume
         run.train(progress)

@@ -159,8 +159,8 @@ class Run:
         self._new_window()
 
     def resume(self, last: Path) -> None:
-        """Continue from checkpoint `last` (the run's latest, `checkpoints(run_dir)[-1]`)."""
-        check_resumable(self.model.spec, self.run_dir, last, self.settings)
+        """Continue from checkpoint `last`, the run's latest, which `check_resumable` accepted (the
+        caller's `moebuild.train.check` runs it, before anything is loaded or printed)."""
         state = json.loads((last / STATE / "state.json").read_text())
         if state["data_sha256"] != self.data_digest:
             raise TrainError(f"{last}: the training data changed since the run started")

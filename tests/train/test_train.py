@@ -309,6 +309,28 @@ def test_resume_refuses_another_spec_no_steps_left_and_an_incomplete_checkpoint(
         train("micro-moe-llava", task, tmp_path / "r", more, resume=True)
 
 
+def test_resume_checks_the_checkpoint_once(tmp_path, task, monkeypatch):
+    import moebuild.train as training
+    from moebuild.train import loop
+
+    calls = []
+    counted = loop.check_resumable
+
+    def counting(*args):
+        calls.append(args[2])
+        return counted(*args)
+
+    monkeypatch.setattr(training, "check_resumable", counting)
+    monkeypatch.setattr(loop, "check_resumable", counting)
+    args = ["train", "micro-moe-llava", "--data", task, "--stage", "align", "--batch-size", 2, "-o", tmp_path / "r"]
+    assert run(*args, "--steps", 1).exit_code == 0 and calls == []
+    resumed = run(*args, "--steps", 2, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert calls == [tmp_path / "r" / "checkpoint-000001"]  # the CLI's check, not again in train nor Run.resume
+    train("micro-moe-llava", task, tmp_path / "r", Settings(stage="align", steps=3, batch_size=2), resume=True)
+    assert calls[1:] == [tmp_path / "r" / "checkpoint-000002"]
+
+
 def test_a_trainable_pattern_that_matches_nothing_is_refused_before_training(tmp_path, task):
     spec = tmp_path / "s.yaml"
     spec.write_text("base: micro-moe-llava\ntraining:\n  stages:\n    - name: align\n"
