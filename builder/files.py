@@ -10,17 +10,19 @@ from pathlib import Path
 
 
 def unreadable(path: str | os.PathLike) -> str | None:
-    """Why `path` is not a regular file to read (a few words), or None when it is one."""
+    """Why `path` is not a regular file to read, as words that follow its name (`PATH: does not exist`,
+    `base file 'x.yaml' is a directory, not a file`), or None when it is one. Stat only: a pipe is never opened."""
     try:
         mode = os.stat(path).st_mode  # follows links: a link to /dev/zero is a device
     except FileNotFoundError:
-        return "no such file"
+        return "is a broken symlink" if os.path.lexists(path) else "does not exist"
     except OSError as exc:
-        return exc.strerror or "cannot read it"
+        return f"cannot be read ({exc.strerror})" if exc.strerror else "cannot be read"
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     if not stat.S_ISREG(mode):
-        return "is not a regular file (a pipe, device or socket)"
+        kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        return f"is not a regular file but {kind}"
     return None
 
 
@@ -31,7 +33,7 @@ def read_text(path: Path, error: type[Exception]) -> str:
         try:
             return Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            why = f"cannot read it ({exc.strerror})"
+            why = f"cannot be read ({exc.strerror})"
         except UnicodeDecodeError:
             why = "not UTF-8 text"
     raise error(f"{path}: {why}")

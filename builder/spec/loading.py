@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 from ruamel.yaml.representer import RoundTripRepresenter
 
+from moebuild.files import unreadable
 from moebuild.spec import presets
 from moebuild.spec.diagnose import declares, validation_diagnostics
 from moebuild.spec.errors import Diagnostic, SpecError, SpecPath, did_you_mean
@@ -249,29 +249,16 @@ def _base_target(base: Node, including: Path, problems: list[Diagnostic]) -> tup
         if os.path.isabs(name):
             raise fail(f"base file '{name}' must be a path relative to this spec, not an absolute one")
         path = including.parent / name
-        if not path.is_file():
+        why = unreadable(path)
+        if why is not None:
             hint = "" if os.path.lexists(path) else _preset_hint(name)
-            raise fail(f"base file '{name}' {_not_a_file(path)} (looked at {_display(path)}){hint}")
+            raise fail(f"base file '{name}' {why} (looked at {_display(path)}){hint}")
         return path, _display(path)
     try:
         path = presets.preset_path(name)
     except LookupError as exc:
         raise fail(exc.args[0]) from None
     return path, _display(path)
-
-
-def _not_a_file(path: Path) -> str:
-    """Why ``path``, which is no regular file, cannot be a base (stat only: a pipe is never opened)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "is a broken symlink" if os.path.lexists(path) else "does not exist"
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror}"
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-    return f"is not a regular file but {kind}"
 
 
 def _display(path: Path) -> str:

@@ -132,7 +132,7 @@ def test_missing_base_file(tmp_path):
     ("fifo.yaml", "base file 'fifo.yaml' is not a regular file but a pipe (looked at fifo.yaml)"),
     ("zero.yaml", "base file 'zero.yaml' is not a regular file but a device (looked at zero.yaml)"),
     ("dangling.yaml", "base file 'dangling.yaml' is a broken symlink (looked at dangling.yaml)"),
-    ("dir.yaml", "base file 'dir.yaml' is a directory (looked at dir.yaml)"),
+    ("dir.yaml", "base file 'dir.yaml' is a directory, not a file (looked at dir.yaml)"),
 ])
 def test_a_base_that_is_no_file_says_what_it_is(base, says, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
