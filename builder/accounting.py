@@ -319,7 +319,7 @@ def kv_cache_elements_per_token(spec: ModelSpec) -> int:
 
 
 def check_context(spec: ModelSpec, context: int) -> None:
-    """ValueError for a context past the model's positions (bench_model.check_length words it the same)."""
+    """ValueError for a context past the model's positions (summary --context, bench model --length)."""
     limit = spec.language.max_position_embeddings
     if context > limit:
         raise ValueError(f"{context} exceeds the model's {limit} positions (language.max_position_embeddings)")

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moebuild.accounting import check_context
 from moebuild.spec.errors import did_you_mean
 
 EXPERTS_IMPLEMENTATION = "grouped_mm"
@@ -130,13 +131,6 @@ def workloads(vocab: int, batch: int, length: int) -> dict[str, tuple[int, Calla
             "prompt 128 + 1 token": (128 + 1, decode_step)}
 
 
-def check_length(spec, length: int) -> None:
-    """ValueError for a training-step length past the model's positions."""
-    limit = spec.language.max_position_embeddings
-    if length > limit:
-        raise ValueError(f"{length} exceeds the model's {limit} positions ({POSITIONS_KEY})")
-
-
 def check_only(only: Iterable[str], names: Iterable[str]) -> None:
     """ValueError for a filter that is part of no workload name."""
     names = list(names)
@@ -161,10 +155,10 @@ def _sample_ms(run: Callable[[], None]) -> float:
 def bench_model(spec, *, batch: int = 4, length: int = 512, repeats: int = 5,
                 only: tuple[str, ...] = ()) -> tuple[float, list[Row]]:
     """(relative logits difference, one Row per workload); ValueError for a `length` or an `only`
-    it cannot take (`check_length`, `check_only`)."""
+    it cannot take (`accounting.check_context`, `check_only`)."""
     vocab, limit = spec.language.vocab_size, spec.language.max_position_embeddings
     planned = workloads(vocab, batch, length)
-    check_length(spec, length)
+    check_context(spec, length)
     check_only(only, planned)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames past_key_values
     ours, theirs = build_pair(spec)

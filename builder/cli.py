@@ -555,14 +555,15 @@ def bench_model_cmd(spec, against, overrides, batch, length, repeats, only, as_j
     """
     from transformers.utils import logging as hf_logging
 
-    from moebuild.bench_model import bench_model, check_length, check_only, format_rows, to_json, workloads
+    from moebuild.accounting import check_context
+    from moebuild.bench_model import bench_model, check_only, format_rows, to_json, workloads
     from moebuild.model.pretrained import CheckpointError
     from moebuild.spec.loading import load_spec
 
     hf_logging.set_verbosity_error()
     parsed = load_spec(spec, overrides=list(overrides))
     names = workloads(parsed.language.vocab_size, batch, length)
-    for hint, check in (("--length", lambda: check_length(parsed, length)), ("--only", lambda: check_only(only, names))):
+    for hint, check in (("--length", lambda: check_context(parsed, length)), ("--only", lambda: check_only(only, names))):
         try:
             check()
         except ValueError as exc:
